@@ -1,0 +1,385 @@
+"""A procedural cohort that behaves like H&E + spatial transcriptomics, at any image size, lazily.
+
+Every pixel is a pure function of (seed, slide, x, y), so the image can be rendered chunk by chunk (dask)
+and every pyramid level is rendered directly at its own resolution: a 40,000 x 40,000 px slide costs
+nothing until a region of it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .._sdata import set_microns_per_unit
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+SYNTHETIC_MPP = 0.5
+
+# Morphology of each region type: nuclei per cell probability, nucleus radius (um), cell side (um),
+# arrangement ("clustered" | "regular" | "scattered"), stroma colour (RGB 0..1), nucleus colour.
+_MORPHOLOGY = {
+    "tumour": dict(
+        density=0.85, radius=4.2, cell=11.0, jitter=0.15, stroma=(0.86, 0.62, 0.78), nucleus=(0.30, 0.13, 0.42)
+    ),
+    "stroma": dict(
+        density=0.18, radius=2.4, cell=14.0, jitter=0.9, stroma=(0.95, 0.68, 0.78), nucleus=(0.42, 0.25, 0.55)
+    ),
+    "immune": dict(
+        density=0.95, radius=2.6, cell=7.0, jitter=0.5, stroma=(0.90, 0.70, 0.82), nucleus=(0.20, 0.10, 0.38)
+    ),
+    "normal": dict(
+        density=0.5, radius=3.2, cell=10.0, jitter=0.1, stroma=(0.97, 0.76, 0.84), nucleus=(0.40, 0.22, 0.55)
+    ),
+    "necrosis": dict(
+        density=0.35, radius=1.6, cell=6.0, jitter=1.0, stroma=(0.93, 0.55, 0.68), nucleus=(0.55, 0.30, 0.58)
+    ),
+}
+_BACKGROUND = np.array([0.96, 0.95, 0.97])
+
+
+def _hash(*arrays: np.ndarray) -> np.ndarray:
+    """Counter-based hash of integer arrays to uniform floats in [0, 1) (splitmix64)."""
+    h = np.uint64(0x9E3779B97F4A7C15)
+    out = np.zeros(np.broadcast(*arrays).shape, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for a in arrays:
+            out = out ^ (
+                np.asarray(a).astype(np.int64).astype(np.uint64) + h + (out << np.uint64(6)) + (out >> np.uint64(2))
+            )
+            z = out + np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            out = z ^ (z >> np.uint64(31))
+    return (out >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclass
+class _Slide:
+    """Layout of one synthetic slide in micrometres."""
+
+    seed: int
+    size_um: float
+    types: tuple[str, ...]
+    centres: np.ndarray  # (R, 2) Voronoi centres of regions, um (x, y)
+    region_type: np.ndarray  # (R,) index into types
+    tissue_centre: np.ndarray
+    tissue_radius: float
+    wobble: np.ndarray  # (4, 2) amplitude/phase of the boundary
+    prolif: np.ndarray  # (3, 4) sinusoid parameters of the proliferation field
+
+    def region(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Region type index at (x, y) um."""
+        d = (x[..., None] - self.centres[:, 0]) ** 2 + (y[..., None] - self.centres[:, 1]) ** 2
+        return self.region_type[np.argmin(d, axis=-1)]
+
+    def tissue(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Tissue mask at (x, y) um: a blob with a wavy boundary."""
+        dx, dy = x - self.tissue_centre[0], y - self.tissue_centre[1]
+        r = np.hypot(dx, dy)
+        ang = np.arctan2(dy, dx)
+        k = np.arange(2, 6)
+        rad = self.tissue_radius * (1 + (self.wobble[:, 0] * np.sin(k * ang[..., None] + self.wobble[:, 1])).sum(-1))
+        return r < rad
+
+    def proliferation(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """A smooth field in [0, 1]."""
+        s = np.zeros(np.broadcast(x, y).shape)
+        for fx, fy, ph, amp in self.prolif:
+            s = s + amp * np.sin(2 * np.pi * (fx * x + fy * y) / self.size_um + ph)
+        return 0.5 + 0.5 * np.tanh(s)
+
+
+def _make_slide(seed: int, slide: int, size_um: float, types: Sequence[str], tumour_weight: float) -> _Slide:
+    rng = np.random.default_rng([seed, slide, 17])
+    n_regions = int(rng.integers(8, 16))
+    centres = rng.uniform(0.1 * size_um, 0.9 * size_um, size=(n_regions, 2))
+    p = np.ones(len(types))
+    if "tumour" in types:
+        p[types.index("tumour")] = tumour_weight
+    p = p / p.sum()
+    region_type = rng.choice(len(types), size=n_regions, p=p)
+    region_type[: min(len(types), n_regions)] = rng.permutation(len(types))[: min(len(types), n_regions)]
+    if "tumour" in types and tumour_weight == 0:
+        region_type[region_type == types.index("tumour")] = (types.index("tumour") + 1) % len(types)
+    wobble = np.stack([rng.uniform(0.02, 0.07, 4), rng.uniform(0, 2 * np.pi, 4)], axis=1)
+    prolif = np.stack(
+        [rng.uniform(0.5, 2.5, 3), rng.uniform(0.5, 2.5, 3), rng.uniform(0, 2 * np.pi, 3), rng.uniform(0.4, 0.9, 3)],
+        axis=1,
+    )
+    return _Slide(
+        seed=seed * 1000 + slide,
+        size_um=size_um,
+        types=tuple(types),
+        centres=centres,
+        region_type=region_type,
+        tissue_centre=np.array([size_um / 2, size_um / 2]) + rng.normal(0, 0.02 * size_um, 2),
+        tissue_radius=0.40 * size_um,
+        wobble=wobble,
+        prolif=prolif,
+    )
+
+
+def _render(slide: _Slide, y0: int, x0: int, h: int, w: int, mpp: float) -> np.ndarray:
+    """RGB uint8 block (3, h, w) of the slide at ``mpp`` um/px whose top-left pixel is (y0, x0)."""
+    ys = (y0 + np.arange(h) + 0.5) * mpp
+    xs = (x0 + np.arange(w) + 0.5) * mpp
+    X, Y = np.meshgrid(xs, ys)
+    region = slide.region(X, Y)
+    tissue = slide.tissue(X, Y)
+    prolif = slide.proliferation(X, Y)
+    rgb = np.empty((h, w, 3))
+    # Stroma: pink with fibre streaks and grain.
+    fibre = 0.5 + 0.5 * np.sin(0.35 * X + 0.8 * np.sin(0.05 * Y) + 0.2 * Y)
+    grain = _hash(np.floor(X / 1.5).astype(np.int64), np.floor(Y / 1.5).astype(np.int64), slide.seed)
+    nucleus = np.zeros((h, w), dtype=bool)
+    ncol = np.zeros((h, w, 3))
+    for t, name in enumerate(slide.types):
+        m = _MORPHOLOGY[name]
+        sel = region == t
+        if not sel.any():
+            continue
+        rgb[sel] = np.array(m["stroma"]) * (0.93 + 0.07 * fibre[sel, None]) - 0.04 * grain[sel, None]
+        cell = m["cell"]
+        ci = np.floor(X[sel] / cell).astype(np.int64)
+        cj = np.floor(Y[sel] / cell).astype(np.int64)
+        u = _hash(ci, cj, slide.seed, t, 1)
+        density = m["density"] * (0.55 + 0.9 * prolif[sel]) if name in ("tumour", "normal") else m["density"]
+        present = u < np.minimum(density, 1.0)
+        radius = m["radius"] * (0.75 + 0.5 * _hash(ci, cj, slide.seed, t, 2))
+        if name == "tumour":
+            radius = radius * (0.85 + 0.4 * prolif[sel])
+        slack = np.maximum(cell / 2 - radius, 0) * m["jitter"]
+        cx = (ci + 0.5) * cell + (2 * _hash(ci, cj, slide.seed, t, 3) - 1) * slack
+        cy = (cj + 0.5) * cell + (2 * _hash(ci, cj, slide.seed, t, 4) - 1) * slack
+        inside = present & ((X[sel] - cx) ** 2 + (Y[sel] - cy) ** 2 < radius**2)
+        idx = np.flatnonzero(sel.ravel())[inside]
+        nucleus.ravel()[idx] = True
+        ncol.reshape(-1, 3)[idx] = np.array(m["nucleus"])
+    rgb[nucleus] = ncol[nucleus] * (0.9 + 0.2 * grain[nucleus, None])
+    rgb[~tissue] = _BACKGROUND - 0.02 * grain[~tissue, None]
+    return np.moveaxis(np.clip(rgb * 255, 0, 255).astype(np.uint8), -1, 0)
+
+
+def _lazy_level(slide: _Slide, size_px: int, mpp: float, chunk: int):
+    import dask.array as da
+
+    def block(block_info=None):
+        (c0, c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        return _render(slide, y0, x0, y1 - y0, x1 - x0, mpp)[c0:c1]
+
+    chunks = (3, chunk, chunk)
+    return da.map_blocks(block, dtype=np.uint8, chunks=da.core.normalize_chunks(chunks, (3, size_px, size_px)))
+
+
+def _gene_programs(
+    rng: np.random.Generator, n_genes: int, types: Sequence[str], organs: Sequence[str]
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Gene names, base log-profile, per-type log-fold changes (T x G), per-organ shifts (O x G)."""
+    names = [f"GENE{i:04d}" for i in range(n_genes)]
+    base = rng.normal(0.0, 1.0, n_genes)
+    n_markers = max(3, n_genes // (2 * len(types) + 2))
+    programs = np.zeros((len(types), n_genes))
+    order = rng.permutation(n_genes)
+    for t in range(len(types)):
+        markers = order[t * n_markers : (t + 1) * n_markers]
+        programs[t, markers] = rng.uniform(1.5, 3.0, len(markers))
+    organ_shift = rng.normal(0.0, 0.3, (len(organs), n_genes))
+    return names, base, programs, organ_shift
+
+
+def synthetic(
+    n_slides: int = 4,
+    n_spots: int = 300,
+    image_size: int = 2048,
+    tissue_types: Sequence[str] = ("tumour", "stroma", "immune", "normal"),
+    organs: Sequence[str] = ("breast", "lung"),
+    n_genes: int = 200,
+    *,
+    spots: bool = True,
+    chunk_size: int = 1024,
+    seed: int = 0,
+) -> dict[str, SpatialData]:
+    """A deterministic synthetic cohort of H&E-like slides with spot expression.
+
+    Each slide is a tissue blob on white glass, split into regions of ``tissue_types``. Each region type has its
+    own morphology (nuclei density, size and arrangement over a pink stroma texture) and its own gene program,
+    so the image carries information about the expression, as in real data. A smooth "proliferation" field
+    changes tumour/normal nuclei density and size and scales a proliferation gene set, so that expression also
+    varies continuously within a region. Every pixel is rendered on demand: large images stay lazy.
+
+    Parameters
+    ----------
+    n_slides
+        Number of slides.
+    n_spots
+        Approximate number of spots per slide (spots lie on a square grid over the tissue).
+    image_size
+        Side of the square image in pixels at 0.5 um/px.
+    tissue_types
+        Region types, any of ``"tumour"``, ``"stroma"``, ``"immune"``, ``"normal"``, ``"necrosis"``.
+    organs
+        Organ of each slide, assigned round-robin; shifts expression a little per organ.
+    n_genes
+        Genes in the counts table.
+    spots
+        When False, slides get no spots and no table (whole slides, for tiling and MIL).
+    chunk_size
+        Dask chunk side of the image.
+    seed
+        Random seed; the same seed gives the same cohort.
+
+    Returns
+    -------
+    ``{"slide<i>": SpatialData}``; each SpatialData holds
+
+    - ``images["image"]``: an RGB uint8 multiscale image (c, y, x), dask-backed and rendered lazily, levels
+      downsampled by 1, 2, 4, 8, ... down to about 512 px;
+    - ``shapes["spots"]`` (when ``spots``): spot circles (55 um diameter) on the tissue;
+    - ``tables["table"]`` (when ``spots``): raw counts (sparse) annotating the spots, ``obs`` columns
+      ``slide``, ``organ``, ``tissue_type`` (region type at the spot centre, the ground truth),
+      ``proliferation`` (field value at the centre);
+    - ``attrs["spade_sc"]["microns_per_unit"]["<slide>"]`` = 0.5 and
+      ``attrs["spade_sc"]["slide"]``: ``organ``, ``tumour_fraction`` (of the tissue area) and ``label``
+      (1 when the tumour fraction exceeds the cohort median, else 0), the slide-level ground truth, and the
+      region layout (``region_centres_px``, ``region_types``: each pixel belongs to the region of its nearest
+      centre; see :func:`synthetic_regions`).
+    """
+    import xarray as xr
+    from anndata import AnnData
+    from geopandas import GeoDataFrame
+    from scipy import sparse
+    from shapely.geometry import Point
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    unknown = [t for t in tissue_types if t not in _MORPHOLOGY]
+    if unknown:
+        msg = f"Unknown tissue_types {unknown}; choose among {sorted(_MORPHOLOGY)}."
+        raise ValueError(msg)
+    if n_slides < 1 or image_size < 64 or n_spots < 1 or not organs:
+        msg = "synthetic() needs n_slides >= 1, n_spots >= 1, image_size >= 64 and at least one organ."
+        raise ValueError(msg)
+    types = tuple(tissue_types)
+    rng = np.random.default_rng(seed)
+    names, base, programs, organ_shift = _gene_programs(rng, n_genes, types, organs)
+    prolif_genes = rng.permutation(n_genes)[: max(3, n_genes // 20)]
+    size_um = image_size * SYNTHETIC_MPP
+    slides_layout = []
+    for i in range(n_slides):
+        tumour_weight = float(np.random.default_rng([seed, i, 3]).uniform(0.0, 3.0))
+        slides_layout.append(_make_slide(seed, i, size_um, types, tumour_weight))
+
+    # Tumour fraction of each slide from a coarse grid over the tissue.
+    g = (np.arange(96) + 0.5) * size_um / 96
+    GX, GY = np.meshgrid(g, g)
+    fractions = []
+    for layout in slides_layout:
+        inside = layout.tissue(GX, GY)
+        reg = layout.region(GX, GY)
+        frac = float((reg[inside] == types.index("tumour")).mean()) if "tumour" in types and inside.any() else 0.0
+        fractions.append(frac)
+    threshold = float(np.median(fractions))
+
+    out = {}
+    for i, layout in enumerate(slides_layout):
+        name = f"slide{i}"
+        organ = organs[i % len(organs)]
+        levels = [1]
+        while image_size // (levels[-1] * 2) >= 512:
+            levels.append(levels[-1] * 2)
+        level0 = _lazy_level(layout, image_size, SYNTHETIC_MPP, chunk_size)
+        image = Image2DModel.parse(
+            level0,
+            dims=("c", "y", "x"),
+            c_coords=["r", "g", "b"],
+            scale_factors=[2] * (len(levels) - 1) or None,
+            transformations={name: Identity()},
+        )
+        if isinstance(image, xr.DataTree):
+            for k in range(1, len(levels)):
+                node = image[f"scale{k}"]["image"]
+                size = node.sizes["y"]
+                node.data = _lazy_level(layout, size, SYNTHETIC_MPP * image_size / size, chunk_size)
+        elements: dict = {"images": {"image": image}}
+        if spots:
+            spacing = np.sqrt(np.pi * (0.40 * size_um) ** 2 / n_spots)
+            grid = np.arange(spacing / 2, size_um, spacing)
+            sx, sy = np.meshgrid(grid, grid)
+            sx, sy = sx.ravel(), sy.ravel()
+            keep = layout.tissue(sx, sy)
+            sx, sy = sx[keep], sy[keep]
+            region = layout.region(sx, sy)
+            prolif = layout.proliferation(sx, sy)
+            srng = np.random.default_rng([seed, i, 7])
+            logmu = base[None, :] + programs[region] + organ_shift[i % len(organs)][None, :]
+            logmu[:, prolif_genes] += 2.5 * prolif[:, None]
+            logmu += srng.normal(0, 0.25, logmu.shape)
+            mu = np.exp(logmu)
+            mu = mu / mu.sum(1, keepdims=True) * srng.lognormal(np.log(3000), 0.3, len(sx))[:, None]
+            counts = srng.poisson(srng.gamma(5.0, mu / 5.0))
+            n = len(sx)
+            obs = pd.DataFrame(
+                {
+                    "slide": pd.Categorical([name] * n),
+                    "organ": pd.Categorical([organ] * n),
+                    "tissue_type": pd.Categorical([types[r] for r in region], categories=list(types)),
+                    "proliferation": prolif,
+                    "region": pd.Categorical(["spots"] * n),
+                    "spot_id": np.arange(n),
+                },
+                index=[f"{name}_spot{j}" for j in range(n)],
+            )
+            table = AnnData(X=sparse.csr_matrix(counts.astype(np.int32)), obs=obs, var=pd.DataFrame(index=names))
+            px = np.stack([sx, sy], 1) / SYNTHETIC_MPP
+            table.obsm["spatial"] = px
+            circles = GeoDataFrame(
+                {"radius": np.full(n, 27.5 / SYNTHETIC_MPP)},
+                geometry=[Point(x, y) for x, y in px],
+                index=np.arange(n),
+            )
+            elements["shapes"] = {"spots": ShapesModel.parse(circles, transformations={name: Identity()})}
+            elements["tables"] = {
+                "table": TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
+            }
+        sdata = SpatialData(**elements)
+        set_microns_per_unit(sdata, name, SYNTHETIC_MPP)
+        sdata.attrs["spade_sc"]["slide"] = {
+            "organ": organ,
+            "tumour_fraction": fractions[i],
+            "label": int(fractions[i] > threshold),
+            "region_centres_px": (layout.centres / SYNTHETIC_MPP).tolist(),
+            "region_types": [types[r] for r in layout.region_type],
+        }
+        out[name] = sdata
+    return out
+
+
+def synthetic_regions(sdata: SpatialData, xy: np.ndarray) -> np.ndarray:
+    """Ground-truth region type at level-0 pixel positions of a slide made by :func:`synthetic`.
+
+    Parameters
+    ----------
+    sdata
+        One slide of :func:`synthetic`.
+    xy
+        (N, 2) pixel coordinates (x, y).
+
+    Returns
+    -------
+    (N,) array of region type names.
+    """
+    info = sdata.attrs.get("spade_sc", {}).get("slide", {})
+    if "region_centres_px" not in info:
+        msg = "This SpatialData was not made by spade_sc.datasets.synthetic (no attrs['spade_sc']['slide'])."
+        raise ValueError(msg)
+    centres = np.asarray(info["region_centres_px"], dtype=float)
+    xy = np.asarray(xy, dtype=float)
+    d = ((xy[:, None, :] - centres[None]) ** 2).sum(-1)
+    return np.asarray(info["region_types"])[np.argmin(d, axis=1)]
