@@ -84,7 +84,7 @@ def read_motivation(path: Path) -> dict[tuple[str, int], str]:
 
 
 def _read_counts(path: Path) -> pd.DataFrame:
-    counts = pd.read_csv(path, sep="\t", index_col=0)
+    counts = pd.read_csv(path, sep="\t", index_col=0, low_memory=False)
     counts.index = counts.index.astype(str)
     bad = [c for c in counts.columns if not pd.api.types.is_numeric_dtype(counts[c])]
     if bad:
