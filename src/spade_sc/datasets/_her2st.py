@@ -184,6 +184,13 @@ def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str
     image = Image2DModel.parse(
         arr, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=[2, 2, 2], transformations={cs: Identity()}
     )
+    # spatialdata builds the coarser levels as lazy coarsenings of level 0, recomputed at every read; the
+    # decoded JPEG is in memory anyway, so compute each level once with PIL's box filter instead.
+    pil = Image.fromarray(rgb)
+    for k in range(1, 4):
+        node = image[f"scale{k}"]["image"]
+        small = np.asarray(pil.resize((node.sizes["x"], node.sizes["y"]), Image.Resampling.BOX))
+        node.data = da.from_array(np.moveaxis(small, -1, 0), chunks=(3, 1024, 1024))
     circles = GeoDataFrame(
         {"radius": np.full(len(shared), SPOT_DIAMETER_UM / 2 / mpp)},
         geometry=[Point(x, y) for x, y in spots[["pixel_x", "pixel_y"]].to_numpy(float)],
