@@ -219,16 +219,17 @@ def her2st(root: str | os.PathLike | None = None, sections: Sequence[str] | None
 
     Returns
     -------
-    ``{section id: SpatialData}``; each SpatialData holds
+    dict[str, SpatialData]
+        ``{section id: SpatialData}``; each SpatialData holds
 
-    - ``images["<sid>_image"]``: the H&E as a dask-backed multiscale image (c, y, x; uint8, 4 levels);
-    - ``shapes["<sid>_spots"]``: the spots as circles of 100 um diameter (radius in image pixels);
-    - ``tables["table"]``: raw integer counts (sparse CSR) annotating the spots, with ``obs`` columns
-      ``section``, ``patient``, ``array_x``, ``array_y``, ``label_id`` (cluster number, per patient) and
-      ``label`` (its name from ``res/ST-cluster/motivation.csv``; missing where the spot has no label),
-      ``obsm["spatial"]`` (pixel centres) and ``uns["her2st"]``;
-    - ``attrs["spade_sc"]["microns_per_unit"][<sid>]``: the pixel size in um, measured from the 200 um spot
-      grid. Every element lives in its own coordinate system named after the section (image pixels).
+        - ``images["<sid>_image"]``: the H&E as a dask-backed multiscale image (c, y, x; uint8, 4 levels);
+        - ``shapes["<sid>_spots"]``: the spots as circles of 100 um diameter (radius in image pixels);
+        - ``tables["table"]``: raw integer counts (sparse CSR) annotating the spots, with ``obs`` columns
+          ``section``, ``patient``, ``array_x``, ``array_y``, ``label_id`` (cluster number, per patient) and
+          ``label`` (its name from ``res/ST-cluster/motivation.csv``; missing where the spot has no label),
+          ``obsm["spatial"]`` (pixel centres) and ``uns["her2st"]``;
+        - ``attrs["spade_sc"]["microns_per_unit"][<sid>]``: the pixel size in um, measured from the 200 um spot
+          grid. Every element lives in its own coordinate system named after the section (image pixels).
     """
     base = data_root(root, "her2st")
     if not base.exists():

@@ -236,19 +236,20 @@ def synthetic(
 
     Returns
     -------
-    ``{"slide<i>": SpatialData}``; each SpatialData holds
+    dict[str, SpatialData]
+        ``{"slide<i>": SpatialData}``; each SpatialData holds
 
-    - ``images["image"]``: an RGB uint8 multiscale image (c, y, x), dask-backed and rendered lazily, levels
-      downsampled by 1, 2, 4, 8, ... down to about 512 px;
-    - ``shapes["spots"]`` (when ``spots``): spot circles (55 um diameter) on the tissue;
-    - ``tables["table"]`` (when ``spots``): raw counts (sparse) annotating the spots, ``obs`` columns
-      ``slide``, ``organ``, ``tissue_type`` (region type at the spot centre, the ground truth),
-      ``proliferation`` (field value at the centre);
-    - ``attrs["spade_sc"]["microns_per_unit"]["<slide>"]`` = 0.5 and
-      ``attrs["spade_sc"]["slide"]``: ``organ``, ``tumour_fraction`` (of the tissue area) and ``label``
-      (1 when the tumour fraction exceeds the cohort median, else 0), the slide-level ground truth, and the
-      region layout (``region_centres_px``, ``region_types``: each pixel belongs to the region of its nearest
-      centre; see :func:`synthetic_regions`).
+        - ``images["image"]``: an RGB uint8 multiscale image (c, y, x), dask-backed and rendered lazily, levels
+          downsampled by 1, 2, 4, 8, ... down to about 512 px;
+        - ``shapes["spots"]`` (when ``spots``): spot circles (55 um diameter) on the tissue;
+        - ``tables["table"]`` (when ``spots``): raw counts (sparse) annotating the spots, ``obs`` columns
+          ``slide``, ``organ``, ``tissue_type`` (region type at the spot centre, the ground truth),
+          ``proliferation`` (field value at the centre);
+        - ``attrs["spade_sc"]["microns_per_unit"]["<slide>"]`` = 0.5 and
+          ``attrs["spade_sc"]["slide"]``: ``organ``, ``tumour_fraction`` (of the tissue area) and ``label``
+          (1 when the tumour fraction exceeds the cohort median, else 0), the slide-level ground truth, and the
+          region layout (``region_centres_px``, ``region_types``: each pixel belongs to the region of its nearest
+          centre; see :func:`synthetic_regions`).
     """
     import xarray as xr
     from anndata import AnnData
@@ -373,7 +374,8 @@ def synthetic_regions(sdata: SpatialData, xy: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    (N,) array of region type names.
+    numpy.ndarray
+        (N,) array of region type names.
     """
     info = sdata.attrs.get("spade_sc", {}).get("slide", {})
     if "region_centres_px" not in info:

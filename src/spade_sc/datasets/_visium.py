@@ -29,10 +29,11 @@ def visium(path: str | os.PathLike, *, dataset_id: str | None = None, **kwargs: 
 
     Returns
     -------
-    The SpatialData of :func:`spatialdata_io.visium` (images ``"<id>_hires_image"`` / ``"<id>_lowres_image"``,
-    shapes ``"<id>"``, table ``"table"`` with counts in ``X``), plus
-    ``attrs["spade_sc"]["microns_per_unit"][<id>]``: micrometres per full-resolution pixel,
-    ``55 / spot_diameter_fullres``.
+    SpatialData
+        The SpatialData of :func:`spatialdata_io.visium` (images ``"<id>_hires_image"`` / ``"<id>_lowres_image"``,
+        shapes ``"<id>"``, table ``"table"`` with counts in ``X``), plus
+        ``attrs["spade_sc"]["microns_per_unit"][<id>]``: micrometres per full-resolution pixel,
+        ``55 / spot_diameter_fullres``.
     """
     import spatialdata_io
 

@@ -28,7 +28,8 @@ def set_pixel_size(sdata: SpatialData, microns: float, *, coordinate_system: str
 
     Returns
     -------
-    None; writes ``sdata.attrs["spade_sc"]["microns_per_unit"][coordinate_system]``.
+    None
+        Writes ``sdata.attrs["spade_sc"]["microns_per_unit"][coordinate_system]``.
     """
     if coordinate_system is None:
         systems = list(sdata.coordinate_systems)
@@ -55,7 +56,8 @@ def pixel_size(sdata: SpatialData, image_key: str | None = None) -> float:
 
     Returns
     -------
-    The pixel size in micrometres.
+    float
+        The pixel size in micrometres.
     """
     image_key = resolve_key(sdata, "images", image_key)
     return image_pixel_size(sdata, image_key)
