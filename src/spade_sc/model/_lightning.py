@@ -1,0 +1,305 @@
+"""Lightning training of the data experts on (image feature, gene vector, expert) pairs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset
+
+from ._experts import BatchedExperts
+from ._losses import make_loss
+from ._sampler import ExpertBatchSampler
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PairsDataset", "SpadeLightningModule", "make_dataloader"]
+
+_BATCH_KEYS = ("image", "gene", "expert")
+
+
+def _as_float32(values: Any) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(device="cpu", dtype=torch.float32)
+    return torch.as_tensor(np.asarray(values, dtype=np.float32))
+
+
+class PairsDataset(Dataset):
+    """In-memory dataset of paired image features, gene vectors and expert indices.
+
+    Parameters
+    ----------
+    image_feats
+        Array/tensor ``(N, image_dim)``; stored as float32.
+    gene_feats
+        Array/tensor ``(N, gene_dim)``; stored as float32.
+    expert_idx
+        Integer array/tensor ``(N,)`` (non-negative); stored as int64.
+
+    Attributes
+    ----------
+    image_feats : torch.Tensor
+        ``(N, image_dim)`` float32.
+    gene_feats : torch.Tensor
+        ``(N, gene_dim)`` float32.
+    expert_idx : torch.Tensor
+        ``(N,)`` int64.
+    """
+
+    def __init__(self, image_feats: Any, gene_feats: Any, expert_idx: Any) -> None:
+        self.image_feats = _as_float32(image_feats)
+        self.gene_feats = _as_float32(gene_feats)
+        expert = expert_idx.detach().cpu().numpy() if isinstance(expert_idx, torch.Tensor) else np.asarray(expert_idx)
+        if self.image_feats.ndim != 2:
+            msg = f"`image_feats` must be 2-D, got shape {tuple(self.image_feats.shape)}."
+            raise ValueError(msg)
+        if self.gene_feats.ndim != 2 or self.gene_feats.shape[0] != self.image_feats.shape[0]:
+            msg = f"`gene_feats` must be 2-D with {self.image_feats.shape[0]} rows, got {tuple(self.gene_feats.shape)}."
+            raise ValueError(msg)
+        if expert.shape != (self.image_feats.shape[0],) or not np.issubdtype(expert.dtype, np.integer):
+            msg = f"`expert_idx` must be an integer array of shape ({self.image_feats.shape[0]},)."
+            raise ValueError(msg)
+        if expert.size and expert.min() < 0:
+            msg = "`expert_idx` must be non-negative."
+            raise ValueError(msg)
+        self.expert_idx = torch.as_tensor(expert.astype(np.int64))
+
+    def __len__(self) -> int:
+        return self.image_feats.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.image_feats[i], self.gene_feats[i], self.expert_idx[i]
+
+
+def make_dataloader(
+    dataset: Dataset,
+    expert_labels: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    batch_size: int = 256,
+    shuffle: bool = True,
+    seed: int = 0,
+    *,
+    drop_last: bool = False,
+) -> DataLoader:
+    """Build a single-process :class:`~torch.utils.data.DataLoader` with an :class:`ExpertBatchSampler`.
+
+    Parameters
+    ----------
+    dataset
+        Map-style dataset, e.g. :class:`PairsDataset`.
+    expert_labels
+        Expert of each row; ``None`` uses ``dataset.expert_idx``.
+    batch_size
+        Target batch size (``>= 2``).
+    shuffle
+        Shuffle rows within experts and the order of batches.
+    seed
+        Base seed of the sampler.
+    drop_last
+        Passed to :class:`ExpertBatchSampler`.
+
+    Returns
+    -------
+    torch.utils.data.DataLoader
+        Loader with ``batch_sampler=ExpertBatchSampler(...)`` and ``num_workers=0``.
+    """
+    if expert_labels is None:
+        expert_labels = getattr(dataset, "expert_idx", None)
+        if expert_labels is None:
+            msg = "`expert_labels` is required when `dataset` has no `expert_idx` attribute."
+            raise ValueError(msg)
+    if len(expert_labels) != len(dataset):  # type: ignore[arg-type]
+        msg = f"`expert_labels` has {len(expert_labels)} entries but `dataset` has {len(dataset)} rows."  # type: ignore[arg-type]
+        raise ValueError(msg)
+    sampler = ExpertBatchSampler(expert_labels, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+
+
+def _unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if isinstance(batch, Mapping):
+        missing = [k for k in _BATCH_KEYS if k not in batch]
+        if missing:
+            msg = f"`batch` dict is missing keys {missing}; expected {_BATCH_KEYS}."
+            raise ValueError(msg)
+        return batch["image"], batch["gene"], batch["expert"]
+    if isinstance(batch, Sequence) and len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    msg = "`batch` must be a (image, gene, expert) tuple or a dict with keys 'image', 'gene', 'expert'."
+    raise ValueError(msg)
+
+
+class SpadeLightningModule(L.LightningModule):
+    """Contrastive training of :class:`BatchedExperts` on single-expert batches.
+
+    Each training/validation batch holds rows of one expert (see :class:`ExpertBatchSampler`); both the image and
+    the gene side are embedded by that expert and compared with the contrastive loss.
+
+    Parameters
+    ----------
+    experts
+        The mixture of data experts to train (stored as ``self.experts``; state dict prefix ``experts.``).
+    loss
+        ``"soft_clip"`` (BLEEP soft targets, fixed ``temperature``) or ``"infonce"`` (learnable temperature,
+        a parameter ``loss_fn.logit_scale`` of this module).
+    lr
+        AdamW learning rate.
+    weight_decay
+        AdamW weight decay of the expert parameters (the InfoNCE temperature is not decayed).
+    max_epochs
+        ``T_max`` of the cosine annealing schedule (stepped once per epoch).
+    temperature
+        Temperature of ``"soft_clip"``.
+    init_temperature
+        Initial temperature of ``"infonce"``.
+
+    Attributes
+    ----------
+    history : list of dict
+        One entry per training epoch: ``{"epoch", "train_loss", "val_loss"}`` (sample-weighted epoch means; ``None``
+        when not computed). The sanity-check validation pass is not recorded.
+    """
+
+    def __init__(
+        self,
+        experts: BatchedExperts,
+        loss: str = "soft_clip",
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        max_epochs: int = 100,
+        temperature: float = 1.0,
+        init_temperature: float = 0.07,
+    ) -> None:
+        super().__init__()
+        if not isinstance(experts, BatchedExperts):
+            msg = f"`experts` must be a BatchedExperts, got {type(experts).__name__}."
+            raise ValueError(msg)
+        if not lr > 0:
+            msg = f"`lr` must be > 0, got {lr!r}."
+            raise ValueError(msg)
+        if not weight_decay >= 0:
+            msg = f"`weight_decay` must be >= 0, got {weight_decay!r}."
+            raise ValueError(msg)
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+            msg = f"`max_epochs` must be a positive integer, got {max_epochs!r}."
+            raise ValueError(msg)
+        self.save_hyperparameters(ignore=["experts"])
+        self.experts = experts
+        self.loss_fn = make_loss(loss, temperature=temperature, init_temperature=init_temperature)
+        self.history: list[dict[str, Any]] = []
+        self._sums: dict[str, list[float]] = {"train": [0.0, 0.0], "val": [0.0, 0.0]}
+
+    def forward(
+        self, image: torch.Tensor, gene: torch.Tensor, expert_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed a batch.
+
+        Parameters
+        ----------
+        image
+            Image features ``(B, image_dim)``.
+        gene
+            Gene vectors ``(B, gene_dim)``.
+        expert_idx
+            Integer tensor ``(B,)``.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(image_embeddings, gene_embeddings)``, each ``(B, proj_dim)``.
+        """
+        return self.experts(image, gene, expert_idx)
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        image, gene, expert_idx = _unpack_batch(batch)
+        image_emb, gene_emb = self(image, gene, expert_idx)
+        loss = self.loss_fn(image_emb, gene_emb)
+        n = image.shape[0]
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        sums = self._sums[stage]
+        sums[0] += float(loss.detach()) * n
+        sums[1] += n
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Contrastive loss of one single-expert batch; logs ``train_loss`` (epoch mean).
+
+        Parameters
+        ----------
+        batch
+            ``(image, gene, expert)`` tuple or dict with those keys.
+        batch_idx
+            Index of the batch.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss.
+        """
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Contrastive loss of one validation batch; logs ``val_loss`` (epoch mean).
+
+        Parameters
+        ----------
+        batch
+            ``(image, gene, expert)`` tuple or dict with those keys.
+        batch_idx
+            Index of the batch.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss.
+        """
+        return self._shared_step(batch, "val")
+
+    def on_train_epoch_start(self) -> None:
+        """Reset the running training loss."""
+        self._sums["train"] = [0.0, 0.0]
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the running validation loss."""
+        self._sums["val"] = [0.0, 0.0]
+
+    def _record(self, key: str, value: float | None) -> None:
+        epoch = int(self.current_epoch)
+        if not self.history or self.history[-1]["epoch"] != epoch:
+            self.history.append({"epoch": epoch, "train_loss": None, "val_loss": None})
+        self.history[-1][key] = value
+
+    def _epoch_mean(self, stage: str) -> float | None:
+        total, n = self._sums[stage]
+        return total / n if n else None
+
+    def on_train_epoch_end(self) -> None:
+        """Append the epoch's mean training loss to :attr:`history`."""
+        self._record("train_loss", self._epoch_mean("train"))
+
+    def on_validation_epoch_end(self) -> None:
+        """Record the epoch's mean validation loss in :attr:`history` (skipped for the sanity check)."""
+        trainer = self.trainer
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._record("val_loss", self._epoch_mean("val"))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with cosine annealing over ``max_epochs`` (stepped per epoch).
+
+        Returns
+        -------
+        dict
+            Lightning optimizer/scheduler configuration.
+        """
+        hp = self.hparams
+        groups = [{"params": list(self.experts.parameters()), "weight_decay": hp.weight_decay}]
+        loss_params = list(self.loss_fn.parameters())
+        if loss_params:
+            groups.append({"params": loss_params, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

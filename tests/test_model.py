@@ -1,0 +1,687 @@
+"""Tests of spade_sc.model on plain tensors (CPU, offline)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spade_sc.model import (
+    BatchedExperts,
+    ExpertBatchSampler,
+    ExpertHeads,
+    GatedABMIL,
+    InfoNCELoss,
+    PairsDataset,
+    ProjectionHead,
+    SoftCLIPLoss,
+    SpadeLightningModule,
+    discrete_time_nll,
+    make_dataloader,
+    make_loss,
+    mixture_embed,
+    risk_from_hazards,
+    route,
+    soft_clip_loss,
+)
+
+# --------------------------------------------------------------------------- heads
+
+
+def test_projection_head_structure_and_forward():
+    head = ProjectionHead(10, proj_dim=8, dropout=0.1)
+    assert isinstance(head.projection, nn.Linear)
+    assert (head.projection.in_features, head.projection.out_features) == (10, 8)
+    assert isinstance(head.gelu, nn.GELU)
+    assert isinstance(head.fc, nn.Linear)
+    assert (head.fc.in_features, head.fc.out_features) == (8, 8)
+    assert isinstance(head.dropout, nn.Dropout)
+    assert head.dropout.p == 0.1
+    assert isinstance(head.layer_norm, nn.LayerNorm)
+    assert head.layer_norm.normalized_shape == (8,)
+    assert set(head.state_dict()) == {
+        "projection.weight",
+        "projection.bias",
+        "fc.weight",
+        "fc.bias",
+        "layer_norm.weight",
+        "layer_norm.bias",
+    }
+    head.eval()
+    x = torch.randn(5, 10)
+    out = head(x)
+    assert out.shape == (5, 8)
+    p = x @ head.projection.weight.T + head.projection.bias
+    h = torch.nn.functional.gelu(p) @ head.fc.weight.T + head.fc.bias
+    z = h + p
+    expected = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    expected = expected * head.layer_norm.weight + head.layer_norm.bias
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_projection_head_defaults_and_validation():
+    head = ProjectionHead(7)
+    assert head.proj_dim == 256
+    assert head.dropout.p == 0.1
+    assert head(torch.randn(3, 7)).shape == (3, 256)
+    with pytest.raises(ValueError, match="in_dim"):
+        ProjectionHead(0)
+    with pytest.raises(ValueError, match="dropout"):
+        ProjectionHead(4, dropout=1.5)
+
+
+# --------------------------------------------------------------------------- experts
+
+K, DI, DG, P = 3, 12, 9, 16
+
+
+def _separate_heads(seed: int = 0, dropout: float = 0.1) -> list[tuple[ProjectionHead, ProjectionHead]]:
+    torch.manual_seed(seed)
+    heads = []
+    for _ in range(K):
+        img, gene = ProjectionHead(DI, P, dropout), ProjectionHead(DG, P, dropout)
+        # non-trivial LayerNorm affine so that per-expert LN parameters are exercised
+        with torch.no_grad():
+            for h in (img, gene):
+                h.layer_norm.weight.uniform_(0.5, 1.5)
+                h.layer_norm.bias.uniform_(-0.5, 0.5)
+        heads.append((img, gene))
+    return heads
+
+
+def test_batched_experts_state_dict_names_and_shapes():
+    ex = BatchedExperts(K, DI, DG, proj_dim=P)
+    shapes = {k: tuple(v.shape) for k, v in ex.state_dict().items()}
+    assert shapes == {
+        "image_heads.projection_weight": (K, DI, P),
+        "image_heads.projection_bias": (K, P),
+        "image_heads.fc_weight": (K, P, P),
+        "image_heads.fc_bias": (K, P),
+        "image_heads.layer_norm_weight": (K, P),
+        "image_heads.layer_norm_bias": (K, P),
+        "gene_heads.projection_weight": (K, DG, P),
+        "gene_heads.projection_bias": (K, P),
+        "gene_heads.fc_weight": (K, P, P),
+        "gene_heads.fc_bias": (K, P),
+        "gene_heads.layer_norm_weight": (K, P),
+        "gene_heads.layer_norm_bias": (K, P),
+    }
+    assert ExpertHeads is BatchedExperts
+    assert ex.get_config() == {"n_experts": K, "image_dim": DI, "gene_dim": DG, "proj_dim": P, "dropout": 0.1}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train_no_dropout"])
+def test_batched_experts_match_separate_heads(mode):
+    dropout = 0.1 if mode == "eval" else 0.0
+    heads = _separate_heads(dropout=dropout)
+    ex = BatchedExperts.from_heads(heads)
+    if mode == "eval":
+        ex.eval()
+        for img, gene in heads:
+            img.eval()
+            gene.eval()
+    else:
+        ex.train()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, DI, generator=gen), torch.randn(40, DG, generator=gen)
+    idx = torch.randint(0, K, (40,), generator=gen)
+    expected_img = torch.stack([heads[int(k)][0](x[i]) for i, k in enumerate(idx)])
+    expected_gene = torch.stack([heads[int(k)][1](y[i]) for i, k in enumerate(idx)])
+    torch.testing.assert_close(ex.image_embed(x, idx), expected_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ex.gene_embed(y, idx), expected_gene, atol=1e-5, rtol=1e-5)
+    img_emb, gene_emb = ex(x, y, idx)
+    torch.testing.assert_close(img_emb, expected_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gene_emb, expected_gene, atol=1e-5, rtol=1e-5)
+    # all experts at once
+    all_img, all_gene = ex.image_embed_all(x), ex.gene_embed_all(y)
+    assert all_img.shape == (40, K, P)
+    for k in range(K):
+        torch.testing.assert_close(all_img[:, k], heads[k][0](x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(all_gene[:, k], heads[k][1](y), atol=1e-5, rtol=1e-5)
+    # single-expert batch (the training case)
+    one = torch.full((40,), 2, dtype=torch.long)
+    torch.testing.assert_close(ex.image_embed(x, one), heads[2][0](x), atol=1e-5, rtol=1e-5)
+
+
+def test_head_roundtrip_and_independence():
+    heads = _separate_heads()
+    ex = BatchedExperts.from_heads(heads).eval()
+    for k in range(K):
+        img, gene = ex.head(k)
+        assert isinstance(img, ProjectionHead)
+        for ref, got in ((heads[k][0], img), (heads[k][1], gene)):
+            for name, value in ref.state_dict().items():
+                torch.testing.assert_close(got.state_dict()[name], value, atol=0, rtol=0)
+    # head(k) is a copy: modifying it does not touch the batched parameters
+    img, _ = ex.head(0)
+    with torch.no_grad():
+        img.projection.weight.zero_()
+    assert ex.image_heads.projection_weight[0].abs().sum() > 0
+    # round-trip through from_heads
+    ex2 = BatchedExperts.from_heads([ex.head(k) for k in range(K)])
+    for name, value in ex.state_dict().items():
+        torch.testing.assert_close(ex2.state_dict()[name], value, atol=0, rtol=0)
+
+
+def test_experts_do_not_share_weights_and_gradients_are_per_expert():
+    ex = BatchedExperts(K, DI, DG, proj_dim=P, dropout=0.0, seed=0)
+    w = ex.image_heads.projection_weight
+    assert not torch.allclose(w[0], w[1])
+    x, y = torch.randn(8, DI), torch.randn(8, DG)
+    idx = torch.ones(8, dtype=torch.long)
+    loss = soft_clip_loss(*ex(x, y, idx))
+    loss.backward()
+    grad = ex.image_heads.projection_weight.grad
+    assert grad[1].abs().sum() > 0
+    assert grad[0].abs().sum() == 0
+    assert grad[2].abs().sum() == 0
+    assert ex.gene_heads.fc_weight.grad[1].abs().sum() > 0
+
+
+def test_expert_init_is_seeded_and_linear_like():
+    a = BatchedExperts(K, DI, DG, proj_dim=P, seed=3)
+    b = BatchedExperts(K, DI, DG, proj_dim=P, seed=3)
+    c = BatchedExperts(K, DI, DG, proj_dim=P, seed=4)
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name])
+    assert not torch.equal(a.image_heads.projection_weight, c.image_heads.projection_weight)
+    torch.manual_seed(11)
+    d = BatchedExperts(K, DI, DG, proj_dim=P)
+    torch.manual_seed(11)
+    e = BatchedExperts(K, DI, DG, proj_dim=P)
+    for name, value in d.state_dict().items():
+        assert torch.equal(value, e.state_dict()[name])
+    # nn.Linear-like bounds: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), LayerNorm ones/zeros
+    big = BatchedExperts(2, 400, 9, proj_dim=64, seed=0)
+    w = big.image_heads.projection_weight
+    bound = 1 / math.sqrt(400)
+    assert w.abs().max() <= bound
+    assert w.abs().max() > 0.95 * bound
+    assert big.image_heads.fc_weight.abs().max() <= 1 / math.sqrt(64)
+    assert torch.equal(big.gene_heads.layer_norm_weight, torch.ones(2, 64))
+    assert torch.equal(big.gene_heads.layer_norm_bias, torch.zeros(2, 64))
+
+
+def test_experts_safetensors_roundtrip_strict(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ex = BatchedExperts(K, DI, DG, proj_dim=P, seed=0)
+    path = tmp_path / "experts.safetensors"
+    save_file(ex.state_dict(), str(path))
+    ex2 = BatchedExperts(**ex.get_config())
+    ex2.load_state_dict(load_file(str(path)), strict=True)
+    for name, value in ex.state_dict().items():
+        assert torch.equal(value, ex2.state_dict()[name])
+
+
+def test_experts_input_validation():
+    ex = BatchedExperts(K, DI, DG, proj_dim=P)
+    with pytest.raises(ValueError, match="expert_idx"):
+        ex.image_embed(torch.randn(4, DI), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="expert_idx"):
+        ex.image_embed(torch.randn(4, DI), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="x"):
+        ex.image_embed(torch.randn(4, DI + 1), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="k"):
+        ex.head(K)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _reference_soft_clip(img: torch.Tensor, spot: torch.Tensor, tau: float) -> float:
+    """Plain-python BLEEP/SPADE soft-target loss (targets multiplied by tau)."""
+    img, spot = img.double().tolist(), spot.double().tolist()
+    b = len(img)
+
+    def dot(u, v):
+        return sum(a * c for a, c in zip(u, v, strict=True))
+
+    logits = [[dot(spot[i], img[j]) / tau for j in range(b)] for i in range(b)]
+    sim = [[(dot(img[i], img[j]) + dot(spot[i], spot[j])) / 2 * tau for j in range(b)] for i in range(b)]
+    targets = []
+    for i in range(b):
+        ex = [math.exp(v) for v in sim[i]]
+        targets.append([v / sum(ex) for v in ex])
+
+    def log_softmax(row):
+        m = max(row)
+        lse = m + math.log(sum(math.exp(v - m) for v in row))
+        return [v - lse for v in row]
+
+    spots_loss = [-sum(t * lp for t, lp in zip(targets[i], log_softmax(logits[i]), strict=True)) for i in range(b)]
+    col_logits = [[logits[i][j] for i in range(b)] for j in range(b)]
+    col_targets = [[targets[i][j] for i in range(b)] for j in range(b)]
+    images_loss = [
+        -sum(t * lp for t, lp in zip(col_targets[j], log_softmax(col_logits[j]), strict=True)) for j in range(b)
+    ]
+    return sum((a + c) / 2 for a, c in zip(images_loss, spots_loss, strict=True)) / b
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 2.0])
+def test_soft_clip_matches_reference(tau):
+    gen = torch.Generator().manual_seed(0)
+    img, spot = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    got = soft_clip_loss(img, spot, temperature=tau)
+    assert got.shape == ()
+    assert float(got) == pytest.approx(_reference_soft_clip(img, spot, tau), rel=1e-5, abs=1e-6)
+    assert float(SoftCLIPLoss(tau)(img, spot)) == pytest.approx(float(got))
+
+
+def test_soft_clip_lower_for_matched_pairs():
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(16, 8, generator=gen)
+    spot = img + 0.05 * torch.randn(16, 8, generator=gen)
+    shuffled = spot[torch.randperm(16, generator=gen)]
+    assert soft_clip_loss(img, spot) < soft_clip_loss(img, shuffled)
+    with pytest.raises(ValueError, match="temperature"):
+        soft_clip_loss(img, spot, temperature=0.0)
+    with pytest.raises(ValueError, match="gene_emb"):
+        soft_clip_loss(img, spot[:, :4])
+
+
+def test_infonce_temperature_is_learnable():
+    loss_fn = InfoNCELoss(init_temperature=0.07)
+    assert isinstance(loss_fn.logit_scale, nn.Parameter)
+    assert loss_fn.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert loss_fn.temperature == pytest.approx(0.07, rel=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    img, spot = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    loss = loss_fn(img, spot)
+    loss.backward()
+    assert loss_fn.logit_scale.grad is not None
+    assert loss_fn.logit_scale.grad.abs() > 0
+    # reference computation
+    i_n, s_n = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(spot, dim=1)
+    logits = (1 / 0.07) * s_n @ i_n.T
+    lab = torch.arange(6)
+    ref = (torch.nn.functional.cross_entropy(logits, lab) + torch.nn.functional.cross_entropy(logits.T, lab)) / 2
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    # clamp at 100
+    hot = InfoNCELoss(init_temperature=1e-4)
+    assert hot.temperature == pytest.approx(0.01)
+    # matched pairs lower than shuffled
+    assert loss_fn(img, img) < loss_fn(img, spot)
+
+
+def test_make_loss():
+    assert isinstance(make_loss("soft_clip"), SoftCLIPLoss)
+    assert isinstance(make_loss("infonce", init_temperature=0.1), InfoNCELoss)
+    assert make_loss("soft_clip", temperature=0.3).temperature == 0.3
+    with pytest.raises(ValueError, match="soft_clip"):
+        make_loss("triplet")
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def _routing_problem():
+    gen = torch.Generator().manual_seed(0)
+    centroids = torch.randn(7, 5, generator=gen) * 3
+    centroid_expert = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    feats = torch.randn(30, 5, generator=gen) * 3
+    return feats, centroids, centroid_expert
+
+
+def test_route_modes():
+    feats, centroids, cexp = _routing_problem()
+    for mode in ("soft", "hard", "uniform"):
+        w = route(feats, centroids, cexp, 3, mode=mode)
+        assert w.shape == (30, 3)
+        assert w.dtype == torch.float32
+        torch.testing.assert_close(w.sum(1), torch.ones(30))
+        assert (w >= 0).all()
+    hard = route(feats, centroids, cexp, 3, mode="hard")
+    nearest = ((feats[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    torch.testing.assert_close(hard, torch.nn.functional.one_hot(cexp[nearest], 3).float())
+    assert route(feats, centroids, cexp, 3, mode="uniform").unique().tolist() == pytest.approx([1 / 3])
+    # soft routing with a tiny temperature approaches hard routing
+    torch.testing.assert_close(route(feats, centroids, cexp, 3, mode="soft", tau=1e-4), hard, atol=1e-4, rtol=0)
+    # soft routing by hand
+    d = torch.cdist(feats.double(), centroids.double())
+    soft_c = torch.softmax(-d / 0.5, dim=1)
+    expected = torch.stack([soft_c[:, cexp == k].sum(1) for k in range(3)], 1).float()
+    torch.testing.assert_close(route(feats, centroids, cexp, 3, mode="soft", tau=0.5), expected, atol=1e-5, rtol=0)
+    # chunking does not change the result
+    torch.testing.assert_close(
+        route(feats, centroids, cexp, 3, mode="soft", tau=0.5, chunk_size=7),
+        route(feats, centroids, cexp, 3, mode="soft", tau=0.5),
+    )
+    # an expert without centroids gets zero weight
+    w4 = route(feats, centroids, cexp, 4, mode="soft")
+    assert w4.shape == (30, 4)
+    assert (w4[:, 3] == 0).all()
+
+
+def test_route_validation():
+    feats, centroids, cexp = _routing_problem()
+    with pytest.raises(ValueError, match=r"mode.*soft.*hard.*uniform"):
+        route(feats, centroids, cexp, 3, mode="top2")
+    with pytest.raises(ValueError, match="centroid_expert"):
+        route(feats, centroids, cexp, 2)
+    with pytest.raises(ValueError, match="centroids"):
+        route(feats, centroids[:, :3], cexp, 3)
+    with pytest.raises(ValueError, match="tau"):
+        route(feats, centroids, cexp, 3, tau=0.0)
+
+
+def test_mixture_embed():
+    feats, centroids, cexp = _routing_problem()
+    ex = BatchedExperts(3, 5, 4, proj_dim=P, seed=0).eval()
+    with torch.no_grad():
+        all_emb = ex.image_embed_all(feats)
+        uni = mixture_embed(ex, feats, route(feats, centroids, cexp, 3, mode="uniform"), chunk_size=8)
+        torch.testing.assert_close(uni, all_emb.mean(1), atol=1e-5, rtol=1e-5)
+        hard_w = route(feats, centroids, cexp, 3, mode="hard")
+        hard = mixture_embed(ex, feats, hard_w)
+        chosen = hard_w.argmax(1)
+        torch.testing.assert_close(hard, all_emb[torch.arange(30), chosen], atol=0, rtol=0)
+        hard_chunked = mixture_embed(ex, feats, hard_w, chunk_size=8)
+        torch.testing.assert_close(hard_chunked, hard, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hard, ex.image_embed(feats, chosen), atol=1e-5, rtol=1e-5)
+        soft_w = route(feats, centroids, cexp, 3, mode="soft", tau=2.0)
+        soft = mixture_embed(ex, feats, soft_w)
+        torch.testing.assert_close(soft, (soft_w[:, :, None] * all_emb).sum(1), atol=1e-5, rtol=1e-5)
+        assert soft.shape == (30, P)
+    with pytest.raises(ValueError, match="weights"):
+        mixture_embed(ex, feats, soft_w[:, :2])
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def _labels():
+    # expert 0: 10 rows, expert 1: 4 (< batch), expert 2: 9 (leftover of 1 -> merged), expert 3: 8 (exact),
+    # expert 5: 2 rows, expert 4: a single row (skipped)
+    labels = [0] * 10 + [1] * 4 + [2] * 9 + [3] * 8 + [5] * 2 + [4]
+    rng = np.random.default_rng(0)
+    return rng.permutation(np.array(labels))
+
+
+def _check_epoch(batches, labels, skipped=(4,)):
+    assert all(len(b) >= 2 for b in batches)
+    for b in batches:
+        assert len(set(labels[b])) == 1
+    seen = Counter(i for b in batches for i in b)
+    expected = {i for i, lab in enumerate(labels) if lab not in skipped}
+    assert set(seen) == expected
+    assert all(v == 1 for v in seen.values())
+
+
+def test_sampler_pure_batches_and_full_coverage(caplog):
+    labels = _labels()
+    with caplog.at_level(logging.WARNING, logger="spade_sc.model._sampler"):
+        sampler = ExpertBatchSampler(labels, batch_size=4, seed=0)
+    assert sampler.skipped_experts == [4]
+    assert "[4]" in caplog.text
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        _check_epoch(batches, labels)
+    sizes = sorted(Counter(int(labels[b[0]]) for b in batches).items())
+    # 0: 4+4+2, 1: 4, 2: 4+5, 3: 4+4, 5: 2
+    assert sizes == [(0, 3), (1, 1), (2, 2), (3, 2), (5, 1)]
+    assert len(sampler) == 9
+    assert sorted(len(b) for b in batches if labels[b[0]] == 2) == [4, 5]
+
+
+def test_sampler_deterministic_and_epoch_dependent():
+    labels = _labels()
+    a = ExpertBatchSampler(labels, batch_size=4, seed=7)
+    b = ExpertBatchSampler(labels, batch_size=4, seed=7)
+    assert list(a) == list(b)
+    assert list(a) == list(a)  # iterating twice in the same epoch gives the same batches
+    e0 = list(a)
+    a.set_epoch(1)
+    e1 = list(a)
+    assert e0 != e1
+    b.set_epoch(1)
+    assert list(b) == e1
+    c = ExpertBatchSampler(labels, batch_size=4, seed=8)
+    assert list(c) != e0
+    # batches of different experts are interleaved (not grouped by expert)
+    big = np.repeat(np.arange(4), 40)
+    order = [int(big[bt[0]]) for bt in ExpertBatchSampler(big, batch_size=4, seed=0)]
+    assert order != sorted(order)
+
+
+def test_sampler_no_shuffle_and_drop_last():
+    labels = _labels()
+    seq = list(ExpertBatchSampler(labels, batch_size=4, shuffle=False))
+    _check_epoch(seq, labels)
+    assert [int(labels[b[0]]) for b in seq] == sorted(int(labels[b[0]]) for b in seq)
+    assert all(b == sorted(b) for b in seq)
+    dl = ExpertBatchSampler(labels, batch_size=4, drop_last=True, seed=0)
+    batches = list(dl)
+    assert len(batches) == len(dl)
+    per_expert = Counter(int(labels[b[0]]) for b in batches)
+    # expert 0 loses its 2-row tail, expert 2 its 1-row tail; experts smaller than a batch keep one batch
+    assert per_expert == Counter({0: 2, 1: 1, 2: 2, 3: 2, 5: 1})
+    assert all(len(b) == 4 for b in batches if labels[b[0]] in (0, 2, 3))
+
+
+def test_sampler_validation():
+    with pytest.raises(ValueError, match="batch_size"):
+        ExpertBatchSampler([0, 0, 1, 1], batch_size=1)
+    with pytest.raises(ValueError, match="expert_labels"):
+        ExpertBatchSampler(np.zeros((2, 2)), batch_size=2)
+    with pytest.raises(ValueError, match="expert_labels"):
+        ExpertBatchSampler([], batch_size=2)
+    s = ExpertBatchSampler(torch.tensor([1, 1, 1]), batch_size=2)
+    assert list(s) == [[0, 1, 2]] or sorted(next(iter(s))) == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- lightning
+
+
+def _synthetic(n=384, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 4, generator=gen)
+    image = z @ torch.randn(4, 16, generator=gen) + 0.1 * torch.randn(n, 16, generator=gen)
+    gene = z @ torch.randn(4, 12, generator=gen) + 0.1 * torch.randn(n, 12, generator=gen)
+    expert = torch.randint(0, 2, (n,), generator=gen)
+    return image, gene, expert
+
+
+def _fit(loss="soft_clip", seed=0, max_epochs=6, check_val_every_n_epoch=1):
+    image, gene, expert = _synthetic()
+    L.seed_everything(seed, verbose=False)
+    module = SpadeLightningModule(BatchedExperts(2, 16, 12, proj_dim=32), loss=loss, lr=1e-3, max_epochs=max_epochs)
+    module.initial_state = {k: v.clone() for k, v in module.state_dict().items()}
+    train = PairsDataset(image[:320], gene[:320], expert[:320])
+    val = PairsDataset(image[320:], gene[320:], expert[320:])
+    train_dl = make_dataloader(train, train.expert_idx, batch_size=32, shuffle=True, seed=seed)
+    val_dl = make_dataloader(val, None, batch_size=32, shuffle=False, seed=seed)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        check_val_every_n_epoch=check_val_every_n_epoch,
+    )
+    trainer.fit(module, train_dl, val_dl)
+    return module, trainer, train_dl
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_training_reduces_loss_and_records_history():
+    module, trainer, train_dl = _fit()
+    hist = module.history
+    assert [h["epoch"] for h in hist] == list(range(6))  # sanity-check pass not recorded
+    assert all(h["train_loss"] is not None and h["val_loss"] is not None for h in hist)
+    assert hist[-1]["train_loss"] < 0.5 * hist[0]["train_loss"]
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+    # both sides of every expert are trained (the image embedding is part of the loss)
+    final = module.state_dict()
+    for side in ("image_heads", "gene_heads"):
+        delta = final[f"experts.{side}.projection_weight"] - module.initial_state[f"experts.{side}.projection_weight"]
+        assert delta.abs().flatten(1).sum(1).min() > 0, side
+    assert "train_loss" in trainer.callback_metrics
+    assert "val_loss" in trainer.callback_metrics
+    assert trainer.callback_metrics["train_loss"].item() == pytest.approx(hist[-1]["train_loss"], rel=1e-4)
+    # Lightning advanced the sampler epoch (different permutation each epoch)
+    assert train_dl.batch_sampler.epoch == 5
+    # optimiser / scheduler configuration
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["weight_decay"] == 1e-2
+    sched = trainer.lr_scheduler_configs[0]
+    assert isinstance(sched.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert sched.interval == "epoch"
+    assert sched.scheduler.T_max == 6
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_same_seed_same_weights_and_infonce():
+    a, _, _ = _fit(loss="infonce", seed=1, max_epochs=2, check_val_every_n_epoch=2)
+    b, _, _ = _fit(loss="infonce", seed=1, max_epochs=2, check_val_every_n_epoch=2)
+    # validation only ran after epoch 1; the sanity-check pass (before epoch 0) is not recorded
+    assert [h["epoch"] for h in a.history] == [0, 1]
+    assert a.history[0]["val_loss"] is None
+    assert a.history[1]["val_loss"] is not None
+    assert "loss_fn.logit_scale" in dict(a.named_parameters())
+    assert a.loss_fn.logit_scale.item() != pytest.approx(math.log(1 / 0.07))  # the temperature was trained
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    assert any(k.startswith("experts.image_heads.") for k in sa)
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    assert a.history == b.history
+
+
+def test_lightning_step_accepts_dict_batch_and_validates():
+    module = SpadeLightningModule(BatchedExperts(2, 16, 12, proj_dim=32, seed=0))
+    module.log = lambda *args, **kwargs: None  # not attached to a Trainer
+    image, gene, expert = _synthetic(8)
+    out = module._shared_step({"image": image, "gene": gene, "expert": torch.zeros(8, dtype=torch.long)}, "train")
+    assert out.shape == ()
+    with pytest.raises(ValueError, match="batch"):
+        module._shared_step({"image": image}, "train")
+    with pytest.raises(ValueError, match="name"):
+        make_loss("nope")
+    with pytest.raises(ValueError, match="experts"):
+        SpadeLightningModule(nn.Linear(2, 2))
+    ds = PairsDataset(image.numpy().astype(np.float64), gene, expert.numpy())
+    assert ds.image_feats.dtype == torch.float32
+    assert len(ds) == 8
+    x, y, e = ds[3]
+    assert x.shape == (16,) and y.shape == (12,) and e.dtype == torch.int64
+    with pytest.raises(ValueError, match="gene_feats"):
+        PairsDataset(image, gene[:4], expert)
+
+
+# --------------------------------------------------------------------------- ABMIL / survival
+
+
+def test_abmil_structure_and_shapes():
+    model = GatedABMIL(20, n_classes=3)
+    assert [type(m) for m in model.fc] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout]
+    assert model.fc[0].out_features == 512 and model.fc[3].out_features == 512
+    assert model.fc[2].p == 0.25
+    assert isinstance(model.attention_a[1], nn.Tanh) and model.attention_a[0].out_features == 384
+    assert isinstance(model.attention_b[1], nn.Sigmoid) and model.attention_b[0].out_features == 384
+    assert (model.attention_c.in_features, model.attention_c.out_features) == (384, 1)
+    assert (model.classifier.in_features, model.classifier.out_features) == (512, 3)
+    model.eval()
+    bag = torch.randn(17, 20)
+    logits, att = model(bag)
+    assert logits.shape == (3,)
+    assert att.shape == (17,)
+    torch.testing.assert_close(torch.softmax(att, 0).sum(), torch.tensor(1.0))
+    # logits are the classifier applied to the attention-pooled hidden features
+    h = model.fc(bag)
+    pooled = torch.softmax(att, 0) @ h
+    torch.testing.assert_close(logits, model.classifier(pooled))
+    logits1, _ = model(bag[None])
+    torch.testing.assert_close(logits1, logits)
+    with pytest.raises(ValueError, match="bag"):
+        model(torch.randn(5, 3))
+
+
+def test_abmil_learns_positive_instance():
+    torch.manual_seed(0)
+    d = 8
+
+    def make_bags(gen, n_bags):
+        bags, labels, pos_idx = [], [], []
+        for i in range(n_bags):
+            bag = torch.randn(12, d, generator=gen)
+            label = i % 2
+            j = int(torch.randint(0, 12, (1,), generator=gen))
+            if label:
+                bag[j, 0] += 6.0
+            bags.append(bag)
+            labels.append(float(label))
+            pos_idx.append(j)
+        return bags, torch.tensor(labels), pos_idx
+
+    train_bags, train_y, _ = make_bags(torch.Generator().manual_seed(1), 120)
+    test_bags, test_y, test_pos = make_bags(torch.Generator().manual_seed(2), 40)
+    model = GatedABMIL(d, n_classes=1, hidden=32, attention_dim=16, dropout=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for _ in range(3):
+        for bag, y in zip(train_bags, train_y, strict=True):
+            logit, _ = model(bag)
+            loss = loss_fn(logit, y.view(1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        preds, hits = [], []
+        for bag, y, j in zip(test_bags, test_y, test_pos, strict=True):
+            logit, att = model(bag)
+            preds.append(float(logit[0] > 0))
+            if y == 1:
+                hits.append(int(att.argmax()) == j)
+    acc = (torch.tensor(preds) == test_y).float().mean()
+    assert acc >= 0.9
+    assert np.mean(hits) >= 0.8  # attention points at the positive instance
+
+
+def test_discrete_time_nll_hand_computation():
+    logits = torch.tensor([[0.2, -0.5, 1.0], [-1.0, 0.3, 0.0]])
+    bins = torch.tensor([1, 0])
+    event = torch.tensor([1, 0])  # sample 0 had the event in bin 1, sample 1 censored in bin 0
+
+    def sig(v):
+        return 1 / (1 + math.exp(-v))
+
+    h00, h01, h10 = sig(0.2), sig(-0.5), sig(-1.0)
+    loss0 = -math.log(1 - h00) - math.log(h01)  # -log S_0 - log h_1
+    loss1 = -math.log(1 - h10)  # -log S_0
+    expected = (loss0 + loss1) / 2
+    assert float(discrete_time_nll(logits, bins, event)) == pytest.approx(expected, rel=1e-6)
+    # event in the first bin: -log h_0 only
+    got = discrete_time_nll(logits[:1], torch.tensor([0]), torch.tensor([1]))
+    assert float(got) == pytest.approx(-math.log(h00), rel=1e-6)
+    # alpha adds weight on the uncensored term
+    got = discrete_time_nll(logits, bins, event, alpha=0.4)
+    assert float(got) == pytest.approx((loss0 + 0.6 * loss1) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="bin_idx"):
+        discrete_time_nll(logits, torch.tensor([3, 0]), event)
+
+
+def test_risk_from_hazards():
+    logits = torch.tensor([[0.2, -0.5, 1.0], [3.0, 3.0, 3.0]])
+    h = torch.sigmoid(logits)
+    s = torch.cumprod(1 - h, dim=1)
+    torch.testing.assert_close(risk_from_hazards(logits), -s.sum(1))
+    first = logits[0].tolist()
+    s0 = 1 - 1 / (1 + math.exp(-first[0]))
+    s1 = s0 * (1 - 1 / (1 + math.exp(-first[1])))
+    s2 = s1 * (1 - 1 / (1 + math.exp(-first[2])))
+    assert float(risk_from_hazards(logits)[0]) == pytest.approx(-(s0 + s1 + s2), rel=1e-6)
+    r = risk_from_hazards(logits)
+    assert r[1] > r[0]  # higher hazards -> higher risk
