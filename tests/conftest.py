@@ -16,7 +16,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """Folder holding her2st/ and visium_heart_tiny/; the tests need it (CI passes SPADE_SC_DATA)."""
-    root = Path(os.environ.get("SPADE_SC_DATA", DEFAULT_DATA))
+    root = Path(os.environ.get("SPADE_SC_DATA", DEFAULT_DATA)).resolve()
     if not (root / "her2st").is_dir():
         pytest.skip(f"real data not found at {root} (set SPADE_SC_DATA)")
     return root
