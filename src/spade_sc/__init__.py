@@ -2,11 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, pp
+from . import datasets, pl, pp, tl
 
 try:
     __version__ = version("spade_sc")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["datasets", "pp"]
+__all__ = ["datasets", "pl", "pp", "tl"]

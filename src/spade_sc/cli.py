@@ -1,0 +1,117 @@
+"""Command line of spade_sc: ``spade-sc demo`` runs SPADE end to end."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("spade_sc")
+
+
+def _cohort(data: str, n_slides: int, image_size: int, seed: int):
+    import spade_sc as sp
+
+    if data == "her2st":
+        root = os.environ.get("SPADE_SC_DATA")
+        if not root or not (Path(root) / "her2st").is_dir():
+            msg = "--data her2st needs SPADE_SC_DATA set to the folder that holds her2st/."
+            raise SystemExit(msg)
+        return sp.datasets.her2st(Path(root) / "her2st")
+    return sp.datasets.synthetic(n_slides=n_slides, n_spots=250, image_size=image_size, seed=seed)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Features -> panel -> experts -> fit -> embed a held-out slide; write zarr, model and figures."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    import spatialdata as sd
+
+    import spade_sc as sp
+
+    t0 = time.time()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        msg = f"{out} exists and is not empty; pass --overwrite."
+        raise SystemExit(msg)
+    out.mkdir(parents=True, exist_ok=True)
+    data = args.data
+    if data == "auto":
+        root = os.environ.get("SPADE_SC_DATA")
+        data = "her2st" if root and (Path(root) / "her2st").is_dir() else "synthetic"
+    cohort = _cohort(data, args.n_slides, args.image_size, args.seed)
+    names = sorted(cohort)
+    held_out = names[-1]
+    train = {n: cohort[n] for n in names[:-1]}
+    print(f"[{time.time() - t0:5.0f}s] {data}: {len(train)} training slides {list(train)}, held out {held_out}")
+
+    model = sp.tl.fit(
+        train,
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(f"[{time.time() - t0:5.0f}s] trained {model}")
+    print(
+        f"          best epoch {model.train_params_['best_epoch']} of {model.train_params_['epochs_run']}, "
+        f"validation slides {model.train_params_['validation_groups']}"
+    )
+    sp.tl.embed(cohort[held_out], model, progress=not args.quiet)
+    print(f"[{time.time() - t0:5.0f}s] embedded held-out slide {held_out}")
+
+    model_dir = model.save(out / "model", overwrite=True)
+    for name, sdata in cohort.items():
+        path = out / f"{name}.zarr"
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        sdata.write(path)
+    back = sd.read_zarr(out / f"{held_out}.zarr")
+    assert "X_spade" in back.tables["table"].obsm
+    sp.pl.experts(cohort[held_out], show=False, save=out / f"experts_{held_out}.png")
+    sp.pl.training_curves(model, show=False, save=out / "loss.png")
+    plt.close("all")
+    table = cohort[held_out].tables["table"]
+    print(f"[{time.time() - t0:5.0f}s] wrote {model_dir}, {len(cohort)} .zarr, experts_{held_out}.png, loss.png")
+    used = table.obs["spade_expert"].nunique()
+    print(f"held-out {held_out}: X_spade {table.obsm['X_spade'].shape}; experts used {used}")
+    print(f"done in {time.time() - t0:.0f}s -> {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spade-sc`` console script."""
+    parser = argparse.ArgumentParser(prog="spade-sc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run SPADE end to end on the synthetic cohort or on her2st")
+    p.add_argument("--out", default="spade_sc_demo", help="output folder (default: ./spade_sc_demo)")
+    p.add_argument(
+        "--data",
+        choices=["auto", "synthetic", "her2st"],
+        default="auto",
+        help="auto: her2st when $SPADE_SC_DATA holds it, else the synthetic cohort",
+    )
+    p.add_argument("--n-slides", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=1536)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=demo)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
