@@ -596,6 +596,7 @@ def _write_embedding(
         "genes": list(model.genes),
         "fingerprint": model.fingerprint(),
         "train_params": json.loads(json.dumps(model.train_params_, default=str)),
+        "experts": model.experts.config()["params"],
         "versions": _versions(),
         **(extra or {}),
     }
@@ -709,8 +710,8 @@ def fit(
     - ``obs["spade_expert"]``: the expert of the nearest step-1 centroid (categorical);
     - ``obsm["spade_routing"]``: routing weights (n_spots x K, rows sum to 1);
     - ``obs["spade_routing_entropy"]``: entropy of those weights;
-    - ``uns["spade"]``: parameters, gene panel, model fingerprint, training record, versions;
-    - ``uns["spade_panel"]`` and ``uns["spade_experts"]`` (gene panel and experts parameters);
+    - ``uns["spade"]``: parameters, gene panel (``genes``), data experts (``experts``: tissue key, clusters per
+      tissue, WCSS), model fingerprint, training record, versions;
     - ``obsm["X_<encoder>"]`` and ``uns["X_<encoder>"]`` where features were computed.
     """
     from ..encoders import get_encoder
@@ -853,14 +854,11 @@ def fit(
     model.train_params_["n_experts_auto"] = n_experts == "auto"
     model.train_params_["tissue_key"] = tissue_key
 
-    panel_record = {"genes": list(genes), "params": {"n_top_genes": n_top_genes, "flavor": "seurat"}}
     for name, t in tables.items():
         emb, weights = model.get_image_embedding(feats[name], routing)
         _write_embedding(
             t, model, emb, weights, assigned[name], routing=routing, key_added=key_added, features_key=features_key
         )
-        t.uns["spade_panel"] = panel_record
-        t.uns["spade_experts"] = experts.config()
     return model
 
 
