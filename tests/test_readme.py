@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -15,13 +17,25 @@ def test_readme_python_example_runs():
     subprocess.run([sys.executable, "-c", block], check=True, cwd=ROOT, capture_output=True)
 
 
-def test_readme_main_job_runs(data_root):
+def test_readme_main_job_is_the_demo():
     first = re.findall(r"```bash\n(.*?)```", README, flags=re.S)[0]
-    # the install steps were done by whoever runs the tests; run the job itself
-    job = first.split("&&")[-1].strip()
-    env = {**os.environ, "SPADE_SC_DATA": str(data_root), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    out = subprocess.run(job, shell=True, check=True, cwd=ROOT, capture_output=True, text=True, env=env)
-    assert "her2st C2: 187 spots" in out.stdout
+    assert first.strip().endswith("spade-sc demo")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "spade-sc demo" in ci  # .ci/run runs the main job itself
+
+
+def test_demo_cli_small(tmp_path):
+    from spade_sc.cli import main
+
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--data", "synthetic", "--n-slides", "3", "--image-size", "768"]
+    assert main([*args, "--epochs", "3", "--quiet"]) == 0
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    assert sorted(p.name for p in out.glob("*.zarr")) == ["slide0.zarr", "slide1.zarr", "slide2.zarr"]
+    for png in ("loss.png", "experts_slide2.png"):
+        assert (out / png).stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="overwrite"):
+        main(args)
 
 
 def test_ci_runs_the_readme_test_command():

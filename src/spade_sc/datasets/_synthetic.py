@@ -241,7 +241,8 @@ def synthetic(
 
         - ``images["image"]``: an RGB uint8 multiscale image (c, y, x), dask-backed and rendered lazily, levels
           downsampled by 1, 2, 4, 8, ... down to about 512 px;
-        - ``shapes["spots"]`` (when ``spots``): spot circles (55 um diameter) on the tissue;
+        - ``shapes["spots"]`` (when ``spots``): spot circles on the tissue (55 um diameter, smaller when the grid
+          is denser than the 100 um Visium spacing);
         - ``tables["table"]`` (when ``spots``): raw counts (sparse) annotating the spots, ``obs`` columns
           ``slide``, ``organ``, ``tissue_type`` (region type at the spot centre, the ground truth),
           ``proliferation`` (field value at the centre);
@@ -341,7 +342,7 @@ def synthetic(
             px = np.stack([sx, sy], 1) / SYNTHETIC_MPP
             table.obsm["spatial"] = px
             circles = GeoDataFrame(
-                {"radius": np.full(n, 27.5 / SYNTHETIC_MPP)},
+                {"radius": np.full(n, min(27.5, 0.45 * spacing) / SYNTHETIC_MPP)},
                 geometry=[Point(x, y) for x, y in px],
                 index=np.arange(n),
             )
