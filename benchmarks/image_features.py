@@ -1,0 +1,403 @@
+"""Benchmarks of spade_sc.pp.image_features / tile_tissue; prints ratios measured in one run.
+
+P1  end-to-end throughput of image_features from a zarr-backed image, divided by the throughput of the encoder
+    alone on the same number of preloaded uint8 tensors (same encoder, same batch size). Goal >= 0.85.
+P2  peak resident memory of tiling (whole slide) + embedding (first --p2-tiles tiles) of a zarr-backed slide of
+    20,000 and 40,000 px, each in a fresh subprocess (VmHWM, and RSS sampled every 50 ms). Goal < 2 GB and flat
+    when the image grows 4x.
+
+The slides are procedural H&E-like images (a tissue ellipse with nuclei-like texture on glass), rendered chunk by
+chunk with dask and written to zarr with ``SpatialData.write`` (every pyramid level is rendered at its own
+resolution, so writing never holds a whole level in memory). ``spade_sc.datasets.synthetic`` renders ~1 Mpx/s,
+too slow to write 1.6 Gpx within a benchmark run; this renderer is ~100x faster.
+
+    python benchmarks/image_features.py                       # default run (~5-10 min on 2 cores)
+    python benchmarks/image_features.py --quick               # small sizes, a minute or two
+    python benchmarks/image_features.py --sizes 10000 20000 --p2-tiles 64 --skip-p1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MPP = 0.5
+CHUNK = 1024
+GLASS = np.array([242.0, 240.0, 245.0], dtype=np.float32)
+STROMA = np.array([226.0, 150.0, 196.0], dtype=np.float32)
+NUCLEUS = np.array([95.0, 50.0, 130.0], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a fast procedural slide
+# ---------------------------------------------------------------------------------------------------------------------
+def _render(y0: int, x0: int, h: int, w: int, mpp: float, size_um: float, seed: int) -> np.ndarray:
+    """(3, h, w) uint8 block of the slide at ``mpp`` um/px, top-left pixel (y0, x0)."""
+    y = ((np.arange(y0, y0 + h, dtype=np.float32) + 0.5) * mpp)[:, None]
+    x = ((np.arange(x0, x0 + w, dtype=np.float32) + 0.5) * mpp)[None, :]
+    c = size_um / 2
+    tissue = ((x - c) / (0.42 * size_um)) ** 2 + ((y - c) / (0.33 * size_um)) ** 2 < 1.0
+    # nuclei: bright spots of a product of sines (period ~9-12 um), blurred away at coarse levels
+    nuc = np.sin(x * 0.71 + 1.3 * np.sin(y * 0.05)) * np.sin(y * 0.53 + 1.1 * np.sin(x * 0.04))
+    damp = np.float32(min(1.0, 2.0 / mpp))
+    frac = np.clip((nuc - 0.55) * 4.0, 0.0, 1.0) * damp
+    rng = np.random.default_rng([seed, y0, x0])
+    noise = rng.integers(-6, 7, size=(h, w), dtype=np.int8).astype(np.float32)
+    rgb = STROMA[:, None, None] * (1 - frac) + NUCLEUS[:, None, None] * frac + noise
+    rgb = np.where(tissue[None], rgb, GLASS[:, None, None] + 0.5 * noise)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _lazy_level(size: int, mpp: float, size_um: float, seed: int):
+    import dask.array as da
+
+    def block(block_info=None):
+        (_, _), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        return _render(y0, x0, y1 - y0, x1 - x0, mpp, size_um, seed)
+
+    chunks = da.core.normalize_chunks((3, CHUNK, CHUNK), (3, size, size))
+    return da.map_blocks(block, dtype=np.uint8, chunks=chunks)
+
+
+def fast_slide(size: int, *, n_spots: int = 0, seed: int = 0):
+    """A SpatialData with a lazy multiscale image (``"image"``), and ``n_spots`` spots + table when > 0."""
+    import anndata as ad
+    import dask.array as da
+    import geopandas as gpd
+    import pandas as pd
+    from scipy import sparse
+    from shapely.geometry import Point
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    import spade_sc as sp
+
+    size_um = size * MPP
+    n_levels = 1
+    while size // 2**n_levels >= 512:
+        n_levels += 1
+    image = Image2DModel.parse(
+        da.zeros((3, size, size), dtype=np.uint8, chunks=(3, CHUNK, CHUNK)),
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        scale_factors=[2] * (n_levels - 1) or None,
+        chunks=(3, CHUNK, CHUNK),
+        transformations={"global": Identity()},
+    )
+    nodes = [image[f"scale{k}"]["image"] for k in range(n_levels)] if n_levels > 1 else [image]
+    for node in nodes:
+        h = node.sizes["y"]
+        node.data = _lazy_level(h, size_um / h, size_um, seed)
+    elements: dict = {"images": {"image": image}}
+    if n_spots:
+        rng = np.random.default_rng(seed)
+        xy = []
+        while len(xy) < n_spots:
+            p = rng.uniform(0, size_um, 2)
+            if ((p[0] - size_um / 2) / (0.4 * size_um)) ** 2 + ((p[1] - size_um / 2) / (0.3 * size_um)) ** 2 < 1:
+                xy.append(p / MPP)
+        xy = np.asarray(xy)
+        circles = gpd.GeoDataFrame({"radius": np.full(n_spots, 27.5 / MPP)}, geometry=[Point(*p) for p in xy])
+        elements["shapes"] = {"spots": ShapesModel.parse(circles, transformations={"global": Identity()})}
+        obs = pd.DataFrame({"spot_id": np.arange(n_spots), "region": pd.Categorical(["spots"] * n_spots)})
+        obs.index = obs.index.astype(str)
+        table = ad.AnnData(X=sparse.csr_matrix((n_spots, 1), dtype=np.float32), obs=obs)
+        elements["tables"] = {
+            "table": TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
+        }
+    sdata = SpatialData(**elements)
+    sp.pp.set_pixel_size(sdata, MPP, coordinate_system="global")
+    return sdata
+
+
+def write_slide(path: Path, size: int, n_spots: int = 0) -> float:
+    """Render and write a slide to zarr; returns the seconds it took."""
+    import dask
+
+    t = time.perf_counter()
+    sdata = fast_slide(size, n_spots=n_spots)
+    with dask.config.set(scheduler="threads"):
+        sdata.write(path, overwrite=True)
+    return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# P1
+# ---------------------------------------------------------------------------------------------------------------------
+def _mean_module():
+    """A trivial torch module: the mean colour of each patch (torch is imported lazily)."""
+    import torch
+
+    class Mean(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3))
+
+    return Mean()
+
+
+def p1(
+    workdir: Path, size: int, n_spots: int, batch_size: int, encoder: str, num_workers: int | None, repeats: int
+) -> dict:
+    import spatialdata
+    import torch
+
+    import spade_sc as sp
+    from spade_sc.encoders import get_encoder
+
+    path = workdir / f"p1_{size}.zarr"
+    t_write = write_slide(path, size, n_spots)
+    sdata = spatialdata.read_zarr(path)
+    enc = get_encoder(encoder)
+    n = len(sdata.tables["table"])
+    x = torch.randint(0, 256, (n, 3, enc.input_size, enc.input_size), dtype=torch.uint8)
+    enc(x[:batch_size])  # warm-up
+
+    def model_only() -> float:
+        t = time.perf_counter()
+        for i in range(0, n, batch_size):
+            enc(x[i : i + batch_size])
+        return time.perf_counter() - t
+
+    def end_to_end(workers: int | None) -> float:
+        t = time.perf_counter()
+        sp.pp.image_features(
+            sdata, encoder=enc, batch_size=batch_size, num_workers=workers, progress=False, inplace=False
+        )
+        return time.perf_counter() - t
+
+    # Triplets run back to back, so that a change of the machine's load affects the members of a triplet alike;
+    # the ratio is the median of the per-triplet ratios.
+    t_model, t_e2e, t_sync = [], [], []
+    for _ in range(repeats):
+        t_model.append(model_only())
+        t_e2e.append(end_to_end(num_workers))
+        t_sync.append(end_to_end(0))
+    # reading + resampling alone (calling thread, a trivial encoder): the headroom of the reader over the model
+    trivial = get_encoder(_mean_module(), input_size=enc.input_size, mean=(0, 0, 0), std=(1, 1, 1), name="mean")
+    t = time.perf_counter()
+    sp.pp.image_features(sdata, encoder=trivial, batch_size=batch_size, num_workers=0, progress=False, inplace=False)
+    t_read = time.perf_counter() - t
+    ratios = [m / e for m, e in zip(t_model, t_e2e, strict=True)]
+    ratios_sync = [m / e for m, e in zip(t_model, t_sync, strict=True)]
+    return {
+        "image_px": size,
+        "n_patches": n,
+        "batch_size": batch_size,
+        "encoder": enc.name,
+        "num_workers": num_workers,
+        "write_s": round(t_write, 1),
+        "model_only_patches_per_s": round(n / float(np.median(t_model)), 2),
+        "end_to_end_patches_per_s": round(n / float(np.median(t_e2e)), 2),
+        "end_to_end_no_prefetch_patches_per_s": round(n / float(np.median(t_sync)), 2),
+        "reader_only_patches_per_s": round(n / t_read, 2),
+        "ratio": round(float(np.median(ratios)), 3),
+        "ratio_no_prefetch": round(float(np.median(ratios_sync)), 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "timings_s": {
+            "model_only": [round(t, 2) for t in t_model],
+            "end_to_end": [round(t, 2) for t in t_e2e],
+            "no_prefetch": [round(t, 2) for t in t_sync],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# P2 (child process per size)
+# ---------------------------------------------------------------------------------------------------------------------
+def _rss_sampler(stop: threading.Event, peak: list[int]) -> None:
+    import psutil
+
+    proc = psutil.Process()
+    while not stop.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        stop.wait(0.05)
+
+
+def _vm_hwm() -> int:
+    """Peak resident set size of this process (bytes) from /proc (VmHWM; reset by exec, unlike ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def p2_child(path: Path, n_tiles: int, batch_size: int, encoder: str) -> dict:
+    """Tile the whole slide and embed its first ``n_tiles`` tiles; memory of this process."""
+    import spatialdata
+    from spatialdata import SpatialData
+
+    import spade_sc as sp
+    from spade_sc.encoders import get_encoder
+
+    enc = get_encoder(encoder)  # tiny: random init is fine for memory
+    import psutil
+
+    base = psutil.Process().memory_info().rss
+    peak = [0]
+    stop = threading.Event()
+    sampler = threading.Thread(target=_rss_sampler, args=(stop, peak), daemon=True)
+    sampler.start()
+    t = time.perf_counter()
+    sdata = spatialdata.read_zarr(path)
+    sp.pp.tile_tissue(sdata, image_key="image")
+    t_tile = time.perf_counter() - t
+    tiles = sdata.shapes["image_tiles"]
+    table = sdata.tables["image_tiles_table"]
+    n_all = table.n_obs
+    sub_table = table[: min(n_tiles, n_all)].copy()
+    sub = SpatialData(
+        images={"image": sdata.images["image"]},
+        shapes={"image_tiles": tiles.loc[sub_table.obs["tile_id"].to_numpy()]},
+        tables={"image_tiles_table": sub_table},
+        attrs=sdata.attrs,
+    )
+    t = time.perf_counter()
+    sp.pp.image_features(sub, encoder=enc, shapes_key="image_tiles", batch_size=batch_size, progress=False)
+    t_embed = time.perf_counter() - t
+    stop.set()
+    sampler.join()
+    maxrss = _vm_hwm()
+    return {
+        "n_tiles_total": int(n_all),
+        "n_tiles_embedded": int(sub_table.n_obs),
+        "tile_s": round(t_tile, 1),
+        "embed_s": round(t_embed, 1),
+        "rss_before_mb": round(base / 2**20),
+        "peak_rss_mb": round(max(maxrss, peak[0]) / 2**20),
+        "peak_above_before_mb": round((max(maxrss, peak[0]) - base) / 2**20),
+    }
+
+
+def p2(workdir: Path, sizes: list[int], n_tiles: int, batch_size: int, encoder: str) -> dict:
+    out = {}
+    for size in sizes:
+        path = workdir / f"p2_{size}.zarr"
+        t_write = write_slide(path, size)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_p2-child",
+            str(path),
+            "--p2-tiles",
+            str(n_tiles),
+            "--batch-size",
+            str(batch_size),
+            "--p2-encoder",
+            encoder,
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            print(res.stdout, res.stderr, file=sys.stderr)
+            msg = f"P2 child failed for size {size}"
+            raise RuntimeError(msg)
+        info = json.loads(res.stdout.strip().splitlines()[-1])
+        info["write_s"] = round(t_write, 1)
+        out[size] = info
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"P2 {size} px: {info}", flush=True)
+    peaks = [out[s]["peak_rss_mb"] for s in sizes]
+    above = [out[s]["peak_above_before_mb"] for s in sizes]
+    return {
+        "per_size": out,
+        "peak_rss_mb": peaks,
+        "peak_above_before_mb": above,
+        "ratio_above_before": round(above[-1] / max(above[0], 1), 3),
+        "ratio_largest_to_smallest": round(peaks[-1] / peaks[0], 3),
+        "pixels_ratio": round((sizes[-1] / sizes[0]) ** 2, 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--p1-size", type=int, default=8192, help="side of the P1 slide (px)")
+    ap.add_argument("--p1-spots", type=int, default=192, help="patches embedded in P1")
+    ap.add_argument("--p1-encoder", default="efficientnet_lite0")
+    ap.add_argument("--p1-repeats", type=int, default=3, help="(model-only, end-to-end, no-prefetch) triplets")
+    ap.add_argument("--num-workers", type=int, default=None, help="image_features num_workers in P1")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[20000, 40000], help="P2 slide sides (px)")
+    ap.add_argument("--p2-tiles", type=int, default=256, help="tiles embedded in P2 (tiling covers the whole slide)")
+    ap.add_argument("--p2-encoder", default="mobilenetv3_small_050")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workdir", type=Path, default=None, help="where the zarr stores go (default: a temp dir)")
+    ap.add_argument("--skip-p1", action="store_true")
+    ap.add_argument("--skip-p2", action="store_true")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: --p1-size 4096 --p1-spots 128 --p1-repeats 1 --sizes 5000 10000 --p2-tiles 64",
+    )
+    ap.add_argument("--_p2-child", dest="p2_child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    import logging
+
+    logging.getLogger("spade_sc").setLevel(logging.ERROR)
+    if args.p2_child is not None:
+        print(json.dumps(p2_child(args.p2_child, args.p2_tiles, args.batch_size, args.p2_encoder)))
+        return
+    if args.quick:
+        args.p1_size, args.p1_spots, args.sizes, args.p2_tiles, args.p1_repeats = 4096, 128, [5000, 10000], 64, 1
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.mkdtemp(prefix="spade_sc_bench_")
+        workdir = Path(tmp)
+    else:
+        workdir = args.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+    print(f"cpus: {os.cpu_count()}, workdir: {workdir}", flush=True)
+    results = {}
+    try:
+        if not args.skip_p1:
+            r = p1(
+                workdir,
+                args.p1_size,
+                args.p1_spots,
+                args.batch_size,
+                args.p1_encoder,
+                args.num_workers,
+                args.p1_repeats,
+            )
+            results["P1"] = r
+            print(f"P1 {r}", flush=True)
+            print(
+                f"P1 ratio end-to-end / model-only throughput: {r['ratio']:.3f} (goal >= 0.85; "
+                f"without prefetching: {r['ratio_no_prefetch']:.3f}); reader alone / model alone throughput: "
+                f"{r['reader_only_patches_per_s'] / r['model_only_patches_per_s']:.1f}",
+                flush=True,
+            )
+        if not args.skip_p2:
+            r = p2(workdir, args.sizes, args.p2_tiles, args.batch_size, args.p2_encoder)
+            results["P2"] = r
+            print(
+                f"P2 peak RSS (MB) at {args.sizes} px: {r['peak_rss_mb']}; ratio largest/smallest "
+                f"{r['ratio_largest_to_smallest']:.3f} for {r['pixels_ratio']}x the pixels (goal < 2048 MB, flat); "
+                f"above the RSS after imports + encoder: {r['peak_above_before_mb']} MB (ratio "
+                f"{r['ratio_above_before']:.3f})",
+                flush=True,
+            )
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

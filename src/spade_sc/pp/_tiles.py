@@ -1,0 +1,364 @@
+"""Tissue mask and a grid of tissue tiles for whole slides without spots."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._sdata import image_levels, image_pixel_size, level_downsample, resolve_key
+from ._features import choose_level, rgb_channels, value_scale
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+logger = logging.getLogger("spade_sc")
+
+#: The mask is made at a pixel size of at most this many micrometres ...
+MASK_MAX_UM = 16.0
+#: ... with at least this many pixels on the long side of the image ...
+MASK_MIN_SIDE = 1000
+#: ... and at most this many (larger levels are block-averaged lazily, chunk by chunk, before being computed).
+MASK_MAX_SIDE = 4096
+#: ... and at least this many mask pixels across one tile.
+MASK_PX_PER_TILE = 4
+#: Lowest saturation threshold: glass is never called tissue, whatever Otsu finds on an all-glass image.
+MIN_SATURATION = 0.05
+#: Lowest texture threshold (Sobel gradient magnitude of the grey image, 0..255 units): smooth glass is not tissue.
+MIN_TEXTURE = 10.0
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu threshold of ``values``; their maximum when they are (nearly) constant."""
+    from skimage.filters import threshold_otsu
+
+    if float(values.max() - values.min()) < 1e-6:
+        return float(values.max())
+    return float(threshold_otsu(values))
+
+
+def _remove_small(mask: np.ndarray, size: int, *, holes: bool) -> np.ndarray:
+    """Call remove_small_objects / remove_small_holes of scikit-image across its API change (min_size -> max_size)."""
+    from skimage import morphology
+
+    func = morphology.remove_small_holes if holes else morphology.remove_small_objects
+    if size < 1:
+        return mask
+    try:
+        return func(mask, max_size=size)
+    except TypeError:  # scikit-image < 0.26
+        kw = "area_threshold" if holes else "min_size"
+        return func(mask, **{kw: size + 1})
+
+
+def _mask_level(level_mpp: list[float], sizes: list[tuple[int, int]], tile_um: float) -> tuple[int, int, float]:
+    """(level, integer block-average factor, target um/px) for the tissue mask."""
+    p0 = level_mpp[0]
+    long_um = max(sizes[0]) * p0
+    target = min(MASK_MAX_UM, tile_um / MASK_PX_PER_TILE, long_um / MASK_MIN_SIDE)
+    target = max(target, long_um / MASK_MAX_SIDE, p0)
+    level = choose_level(level_mpp, target)
+    factor = max(1, math.floor(target / level_mpp[level] + 1e-9))
+    return level, factor, target
+
+
+def tissue_mask(
+    sdata: SpatialData,
+    *,
+    image_key: str | None = None,
+    tile_um: float = 112.0,
+    image_mpp: float | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A boolean tissue mask of an image at low resolution, and how it was made.
+
+    The mask is computed on the coarsest pyramid level that has a pixel size of at most ``min(16 um,
+    tile_um / 4, long side / 1000 px)`` (and that keeps the mask under 4096 px on its long side, block-averaging
+    a finer level lazily when needed), so level 0 of a large slide is never read. Tissue is where the image is
+    stained or textured: the HSV saturation (smoothed with a 1-px Gaussian) exceeds its Otsu threshold (at least
+    0.05), or the texture (Sobel gradient magnitude of the smoothed grey image) exceeds its Otsu threshold on a log
+    scale (at least 10 grey levels). Saturation alone misses pale, greyish stroma and fat; texture alone misses
+    smooth, strongly stained tissue at coarse resolution; neither fires on smooth glass, even tinted by stain.
+    Objects and holes smaller than a quarter of a tile are then removed.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData holding the image.
+    image_key
+        The image; may be omitted when there is only one.
+    tile_um
+        Side of the tiles the mask is for, in micrometres (sets the resolution and the size of removed specks).
+    image_mpp
+        Micrometres per level-0 pixel, overriding the recorded pixel size.
+
+    Returns
+    -------
+    The (h, w) boolean mask and a dict with ``level``, ``factor`` (block average of that level), ``mask_mpp``,
+    ``scale`` ((y, x) level-0 pixels per mask pixel), ``threshold`` (saturation), ``texture_threshold`` and
+    ``tissue_fraction`` (of the whole image).
+    """
+    from scipy import ndimage
+
+    image_key = resolve_key(sdata, "images", image_key)
+    levels = image_levels(sdata.images[image_key])
+    rgb = rgb_channels(levels[0], image_key)
+    scale = value_scale(levels, image_key)
+    p0 = image_pixel_size(sdata, image_key, image_mpp=image_mpp)
+    down = level_downsample(levels)
+    level_mpp = [p0 * d for d in down]
+    sizes = [(int(lv.sizes["y"]), int(lv.sizes["x"])) for lv in levels]
+    level, factor, _ = _mask_level(level_mpp, sizes, tile_um)
+    data = levels[level].data[rgb]
+    if factor > 1:
+        import dask.array as da
+
+        if not hasattr(data, "dask"):
+            data = da.from_array(np.asarray(data))
+        h, w = data.shape[1] // factor * factor, data.shape[2] // factor * factor
+        data = data[:, :h, :w]
+        cy = max(factor, data.chunksize[1] // factor * factor)
+        cx = max(factor, data.chunksize[2] // factor * factor)
+        data = da.coarsen(np.mean, data.astype(np.float32).rechunk((3, cy, cx)), {1: factor, 2: factor})
+    rgb_img = np.asarray(data.compute() if hasattr(data, "compute") else data, dtype=np.float32) * scale
+    rgb_img = np.nan_to_num(rgb_img, nan=255.0).clip(0, 255)
+    hi = rgb_img.max(axis=0)
+    lo = rgb_img.min(axis=0)
+    sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)
+    sat = ndimage.gaussian_filter(sat, sigma=1.0)
+    threshold = max(_otsu(sat), MIN_SATURATION)
+    grey = ndimage.gaussian_filter(rgb_img.mean(axis=0), sigma=1.0)
+    texture = ndimage.gaussian_filter(np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1)), sigma=1.0)
+    tex_threshold = max(float(np.expm1(_otsu(np.log1p(texture)))), MIN_TEXTURE)
+    mask = (sat > threshold) | (texture > tex_threshold)
+    h0, w0 = sizes[0]
+    sy, sx = h0 / mask.shape[0], w0 / mask.shape[1]
+    mask_mpp = p0 * math.sqrt(sy * sx)
+    min_px = int((0.5 * tile_um / mask_mpp) ** 2)
+    mask = _remove_small(mask, min_px, holes=False)
+    mask = _remove_small(mask, min_px, holes=True)
+    info = {
+        "level": int(level),
+        "factor": int(factor),
+        "mask_mpp": float(mask_mpp),
+        "scale": (float(sy), float(sx)),
+        "threshold": float(threshold),
+        "texture_threshold": float(tex_threshold),
+        "tissue_fraction": float(mask.mean()),
+    }
+    return mask, info
+
+
+def _box_fraction(mask: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    """Mean of ``mask`` over continuous boxes in mask pixel coordinates (outside the mask counts as 0).
+
+    Uses the summed-area table, bilinearly interpolated: exact for a piecewise-constant mask.
+    """
+    from scipy import ndimage
+
+    sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.float64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
+    h, w = mask.shape
+
+    def at(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return ndimage.map_coordinates(sat, [np.clip(y, 0, h), np.clip(x, 0, w)], order=1, mode="nearest")
+
+    total = at(y1, x1) - at(y0, x1) - at(y1, x0) + at(y0, x0)
+    area = (y1 - y0) * (x1 - x0)
+    return np.clip(total / area, 0.0, 1.0)
+
+
+def tile_tissue(
+    sdata: SpatialData,
+    *,
+    image_key: str | None = None,
+    mpp: float = 0.5,
+    tile_size: int = 224,
+    overlap: int = 0,
+    min_tissue: float = 0.5,
+    image_mpp: float | None = None,
+    key_added: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Cover the tissue of a whole-slide image with a grid of square tiles.
+
+    A tissue mask is made at low resolution (see :func:`tissue_mask`: Otsu thresholds on the HSV saturation and
+    on the texture of a coarse pyramid level; level 0 is never read). A grid of square tiles of side
+    ``tile_size * mpp`` um, with a step of ``(tile_size - overlap) * mpp`` um, starts at the image's top-left corner
+    and covers the whole image (the last row and column may extend past the border). A tile is kept when at least
+    ``min_tissue`` of its area is tissue (and at least some of it is); area outside the image counts as glass.
+    Embed the tiles with ``spade_sc.pp.image_features(sdata, shapes_key="<image>_tiles", mpp=mpp,
+    patch_size=tile_size)``: with the same ``mpp`` and ``tile_size`` each patch is exactly its tile.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData holding the image (changed in place).
+    image_key
+        The image; may be omitted when there is only one.
+    mpp
+        Micrometres per pixel at which tiles are ``tile_size`` px wide.
+    tile_size
+        Tile side in pixels at ``mpp`` (at least 16).
+    overlap
+        Overlap of neighbouring tiles in pixels at ``mpp`` (0 <= overlap < tile_size).
+    min_tissue
+        Fraction of a tile's area that must be tissue, in [0, 1].
+    image_mpp
+        Micrometres per level-0 pixel of the image, overriding the recorded pixel size.
+    key_added
+        Name of the shapes element; default ``"<image_key>_tiles"``. The table is ``"<key_added>_table"``
+        (spatialdata needs distinct names for a shapes element and a table).
+    overwrite
+        Replace existing elements of these names.
+
+    Returns
+    -------
+    None; writes
+
+    - ``shapes["<image>_tiles"]``: the kept tiles as square polygons in the image's level-0 pixel coordinates, with
+      the image's transformations (they overlay the image in every coordinate system); index ``tile_id``
+      (0..n-1);
+    - ``tables["<image>_tiles_table"]``: a table annotating those shapes (``region_key="region"``,
+      ``instance_key="tile_id"``), with an empty (n_tiles x 0) ``X``; ``obs`` columns ``tile_id``, ``row``,
+      ``col`` (grid position), ``tissue_fraction``, ``x``, ``y`` (tile centre in level-0 pixels); ``obsm["spatial"]``
+      (the centres); ``uns["tile_tissue"]``: the parameters (``image_key``, ``mpp``, ``tile_size``, ``overlap``,
+      ``min_tissue``, ``image_mpp``, ``tile_px``, ``step_px`` (level-0 pixels), ``grid_shape``, ``mask_level``,
+      ``mask_factor`` (block average of that level), ``mask_mpp``, ``threshold``, ``texture_threshold``,
+      ``tissue_fraction`` of the
+      image, ``n_tiles``, ``spade_sc_version``).
+    """
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+    from anndata import AnnData
+    from scipy import sparse
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import get_transformation
+
+    # ---- arguments ------------------------------------------------------------------------------------------------
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 16:
+        msg = f"tile_size must be an integer >= 16, got {tile_size!r}."
+        raise ValueError(msg)
+    if isinstance(overlap, bool) or not isinstance(overlap, int | np.integer) or not 0 <= overlap < tile_size:
+        msg = f"overlap must be an integer with 0 <= overlap < tile_size ({tile_size}), got {overlap!r}."
+        raise ValueError(msg)
+    if isinstance(mpp, bool) or not isinstance(mpp, int | float | np.number) or not np.isfinite(mpp) or mpp <= 0:
+        msg = f"mpp must be a positive number of micrometres per pixel, got {mpp!r}."
+        raise ValueError(msg)
+    if (
+        isinstance(min_tissue, bool)
+        or not isinstance(min_tissue, int | float | np.number)
+        or not 0.0 <= float(min_tissue) <= 1.0
+    ):
+        msg = f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}."
+        raise ValueError(msg)
+    image_key = resolve_key(sdata, "images", image_key)
+    shapes_key = key_added or f"{image_key}_tiles"
+    table_key = f"{shapes_key}_table"
+    for name, kinds in (
+        (shapes_key, ("images", "labels", "points", "tables")),
+        (table_key, ("images", "labels", "points", "shapes")),
+    ):
+        other = [k for k in kinds if name in getattr(sdata, k)]
+        if other:
+            msg = f"{name!r} already names an element of sdata.{other[0]}; choose another key_added."
+            raise ValueError(msg)
+    if not overwrite:
+        exists = [f"shapes[{shapes_key!r}]"] if shapes_key in sdata.shapes else []
+        exists += [f"tables[{table_key!r}]"] if table_key in sdata.tables else []
+        if exists:
+            msg = f"{' and '.join(exists)} already exist(s); pass overwrite=True to replace."
+            raise ValueError(msg)
+
+    # ---- mask ---------------------------------------------------------------------------------------------------
+    levels = image_levels(sdata.images[image_key])
+    p0 = image_pixel_size(sdata, image_key, image_mpp=image_mpp)
+    tile_um = tile_size * mpp
+    mask, info = tissue_mask(sdata, image_key=image_key, tile_um=tile_um, image_mpp=image_mpp)
+
+    # ---- grid -----------------------------------------------------------------------------------------------------
+    h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
+    side = tile_um / p0
+    step = (tile_size - overlap) * mpp / p0
+    n_rows = max(1, math.ceil(max(h0 - side, 0) / step) + 1)
+    n_cols = max(1, math.ceil(max(w0 - side, 0) / step) + 1)
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    y0, x0 = rows * step, cols * step
+    sy, sx = info["scale"]
+    frac = _box_fraction(mask, y0 / sy, (y0 + side) / sy, x0 / sx, (x0 + side) / sx)
+    keep = (frac >= float(min_tissue)) & (frac > 0)
+    if not keep.any():
+        msg = (
+            f"No tile of image {image_key!r} has at least {min_tissue:.0%} tissue: the tissue mask covers "
+            f"{info['tissue_fraction']:.2%} of the image (saturation threshold {info['threshold']:.3f}, texture "
+            f"threshold {info['texture_threshold']:.1f}, mask level {info['level']} at {info['mask_mpp']:.2f} "
+            "um/px). Lower min_tissue or check the image."
+        )
+        raise ValueError(msg)
+    rows, cols, y0, x0, frac = rows[keep], cols[keep], y0[keep], x0[keep], frac[keep]
+    n = len(rows)
+    ids = np.arange(n)
+
+    # ---- elements -------------------------------------------------------------------------------------------------
+    transforms = {cs: copy.deepcopy(t) for cs, t in get_transformation(sdata.images[image_key], get_all=True).items()}
+    geoms = shapely.box(x0, y0, x0 + side, y0 + side)
+    gdf = gpd.GeoDataFrame(geometry=geoms, index=pd.Index(ids, name="tile_id"))
+    shapes = ShapesModel.parse(gdf, transformations=transforms)
+
+    cx, cy = x0 + side / 2, y0 + side / 2
+    obs = pd.DataFrame(
+        {
+            "tile_id": ids,
+            "row": rows.astype(np.int64),
+            "col": cols.astype(np.int64),
+            "tissue_fraction": frac.astype(np.float32),
+            "x": cx,
+            "y": cy,
+            "region": pd.Categorical([shapes_key] * n),
+        },
+        index=pd.Index([str(i) for i in ids]),
+    )
+    adata = AnnData(X=sparse.csr_matrix((n, 0), dtype=np.float32), obs=obs)
+    adata.obsm["spatial"] = np.stack([cx, cy], axis=1)
+    from .. import __version__
+
+    adata.uns["tile_tissue"] = {
+        "image_key": image_key,
+        "mpp": float(mpp),
+        "tile_size": int(tile_size),
+        "overlap": int(overlap),
+        "min_tissue": float(min_tissue),
+        "image_mpp": float(p0),
+        "tile_px": float(side),
+        "step_px": float(step),
+        "grid_shape": [int(n_rows), int(n_cols)],
+        "mask_level": info["level"],
+        "mask_factor": info["factor"],
+        "mask_mpp": info["mask_mpp"],
+        "threshold": info["threshold"],
+        "texture_threshold": info["texture_threshold"],
+        "tissue_fraction": info["tissue_fraction"],
+        "n_tiles": int(n),
+        "spade_sc_version": __version__,
+    }
+    table = TableModel.parse(adata, region=shapes_key, region_key="region", instance_key="tile_id")
+
+    if table_key in sdata.tables:
+        del sdata.tables[table_key]
+    if shapes_key in sdata.shapes:
+        del sdata.shapes[shapes_key]
+    sdata.shapes[shapes_key] = shapes
+    sdata.tables[table_key] = table
+    logger.info(
+        "tile_tissue: %d tiles of %d px at %.3g um/px on %r (tissue %.1f%% of the image, mask level %d)",
+        n,
+        tile_size,
+        mpp,
+        image_key,
+        100 * info["tissue_fraction"],
+        info["level"],
+    )
