@@ -435,15 +435,14 @@ def test_every_her2st_section_cheaply(her2st, flat):
 
 
 @pytest.fixture(scope="session")
-def her2st_c_features(her2st):
-    """Default-encoder features of her2st C2-C5, computed once (inplace=False: the shared fixture is not modified)."""
-    enc = get_encoder("efficientnet_lite0", device="cpu")
-    out = {}
-    for sid in ("C2", "C3", "C4", "C5"):
-        sdata = her2st[sid]
-        feats = sp.pp.image_features(sdata, encoder=enc, inplace=False, progress=False)
-        out[sid] = (feats, sdata.tables["table"].obs["label"].astype(object).to_numpy())
-    return out
+def her2st_c_features(her2st, her2st_features):
+    """Default-encoder features of her2st C2-C5 (shared session fixture) with the region labels."""
+    feats, params = her2st_features
+    assert params["encoder"]["name"] == "efficientnet_lite0" and params["patch_size"] == 224
+    return {
+        sid: (feats[sid], her2st[sid].tables["table"].obs["label"].astype(object).to_numpy())
+        for sid in ("C2", "C3", "C4", "C5")
+    }
 
 
 def test_her2st_probe_balanced_accuracy(her2st_c_features):

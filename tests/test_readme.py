@@ -1,6 +1,5 @@
 """Every command in the README runs somewhere: the test command in .ci/run, the rest here."""
 
-import os
 import re
 import subprocess
 import sys

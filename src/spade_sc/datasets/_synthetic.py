@@ -303,6 +303,7 @@ def synthetic(
             c_coords=["r", "g", "b"],
             scale_factors=[2] * (len(levels) - 1) or None,
             transformations={name: Identity()},
+            chunks=(3, chunk_size, chunk_size),  # keep the render blocks: smaller chunks would re-render each block
         )
         if isinstance(image, xr.DataTree):
             for k in range(1, len(levels)):
