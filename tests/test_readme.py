@@ -11,9 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_readme_python_example_runs():
+def test_readme_python_example_runs(tmp_path):
     (block,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    subprocess.run([sys.executable, "-c", block], check=True, cwd=ROOT, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", block], check=True, cwd=tmp_path, capture_output=True, text=True)
+    assert "(115, 256)" in out.stdout or ", 256)" in out.stdout
+    assert (tmp_path / "my_model" / "model.safetensors").is_file()
 
 
 def test_readme_main_job_is_the_demo():
