@@ -318,6 +318,106 @@ def test_make_loss():
         make_loss("triplet")
 
 
+def _per_expert_mean(loss_fn, img, spot, expert):
+    """Row-weighted mean of the loss of each expert computed separately (a Python loop, the reference)."""
+    total = 0.0
+    for k in torch.unique(expert):
+        rows = expert == k
+        total = total + loss_fn(img[rows], spot[rows]) * rows.sum()
+    return total / len(expert)
+
+
+@pytest.mark.parametrize("kind", ["soft_clip", "soft_clip_tau", "infonce"])
+@pytest.mark.parametrize("layout", ["padded", "sorted_equal", "shuffled_equal"])
+def test_grouped_loss_equals_separate_per_expert_losses(kind, layout):
+    gen = torch.Generator().manual_seed(1)
+    expert = {
+        "padded": torch.tensor([3, 0, 3, 1, 0, 3, 1, 1, 1, 0, 3, 3, 5, 5]),  # groups of 5, 3, 4, 2 rows
+        "sorted_equal": torch.arange(4).repeat_interleave(3),  # the sampler's layout: padding is a view
+        "shuffled_equal": torch.arange(4).repeat_interleave(3)[torch.randperm(12, generator=gen)],
+    }[layout]
+    n = len(expert)
+    img = torch.randn(n, 6, generator=gen, requires_grad=True)
+    spot = torch.randn(n, 6, generator=gen, requires_grad=True)
+    loss_fn = {"soft_clip": SoftCLIPLoss(), "soft_clip_tau": SoftCLIPLoss(0.3), "infonce": InfoNCELoss(0.1)}[kind]
+    params = [img, spot, *loss_fn.parameters()]
+    got = loss_fn(img, spot, expert)
+    ref = _per_expert_mean(loss_fn, img, spot, expert)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(got, params), torch.autograd.grad(ref, params), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    # one expert (or none given) is the plain loss; the functional form agrees with the module
+    same = torch.full((n,), 2)
+    assert torch.equal(loss_fn(img, spot, same), loss_fn(img, spot))
+    if kind == "soft_clip":
+        assert torch.equal(soft_clip_loss(img, spot, 1.0, expert), got)
+
+
+def test_grouped_loss_is_finite_with_extreme_logits_and_validates():
+    gen = torch.Generator().manual_seed(0)
+    expert = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
+    for dtype in (torch.float32, torch.float64):
+        img = (40 * torch.randn(11, 8, generator=gen)).to(dtype).requires_grad_()
+        spot = (40 * torch.randn(11, 8, generator=gen)).to(dtype).requires_grad_()
+        for loss_fn in (SoftCLIPLoss(0.05), SoftCLIPLoss(5.0), InfoNCELoss(1e-3)):
+            loss = loss_fn(img, spot, expert)
+            grads = torch.autograd.grad(loss, [img, spot])
+            assert torch.isfinite(loss)
+            assert all(torch.isfinite(g).all() for g in grads)
+            torch.testing.assert_close(loss, _per_expert_mean(loss_fn, img, spot, expert).to(loss.dtype))
+    img, spot = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="expert_idx"):
+        soft_clip_loss(img, spot, 1.0, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="expert_idx"):
+        InfoNCELoss()(img, spot, torch.zeros(4))
+
+
+@pytest.mark.parametrize("loss", ["soft_clip", "infonce"])
+def test_grouped_loss_gradients_reach_only_experts_present(loss):
+    ex = BatchedExperts(4, DI, DG, proj_dim=P, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    expert = torch.tensor([2, 0, 2, 0, 0, 2, 2])
+    x, y = torch.randn(7, DI, generator=gen), torch.randn(7, DG, generator=gen)
+    image_emb, gene_emb = ex(x, y, expert)
+    make_loss(loss)(image_emb, gene_emb, expert).backward()
+    for name, param in ex.named_parameters():
+        per_expert = param.grad.flatten(1).abs().sum(1)
+        assert (per_expert[[0, 2]] > 0).all(), name
+        assert (per_expert[[1, 3]] == 0).all(), name
+
+
+def test_multi_expert_steps_train_like_separate_experts():
+    """All experts per step (grouped loss, one AdamW on stacked weights) = K experts trained separately."""
+    gen = torch.Generator().manual_seed(0)
+    n = 24  # 3 batches of 8 per expert: every expert is in every step
+    x, y = torch.randn(K * n, DI, generator=gen), torch.randn(K * n, DG, generator=gen)
+    expert = torch.arange(K).repeat_interleave(n)[torch.randperm(K * n, generator=gen)]
+    heads = _separate_heads(dropout=0.0)
+    batched = BatchedExperts.from_heads(heads)
+    b_opt = torch.optim.AdamW(batched.parameters(), lr=1e-2)
+    opts = [torch.optim.AdamW([*img.parameters(), *gene.parameters()], lr=1e-2) for img, gene in heads]
+    sampler = ExpertBatchSampler(expert, 8, seed=0, experts_per_step=None)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for step in sampler.iter_steps():
+            assert len(step) == K
+            rows = torch.tensor([i for b in step for i in b])
+            b_opt.zero_grad()
+            SoftCLIPLoss()(*batched(x[rows], y[rows], expert[rows]), expert[rows]).backward()
+            b_opt.step()
+            for b in step:
+                img, gene = heads[int(expert[b[0]])]
+                opt = opts[int(expert[b[0]])]
+                opt.zero_grad()
+                soft_clip_loss(img(x[b]), gene(y[b])).backward()
+                opt.step()
+    for k, (img, gene) in enumerate(heads):
+        b_img, b_gene = batched.head(k)
+        for ours, theirs in ((b_img, img), (b_gene, gene)):
+            for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"expert {k} {name}")
+
+
 # --------------------------------------------------------------------------- routing
 
 
@@ -478,27 +578,116 @@ def test_sampler_validation():
     assert list(s) == [[0, 1, 2]] or sorted(next(iter(s))) == [0, 1, 2]
 
 
+def _old_sampler_batches(labels, batch_size, seed, epoch, shuffle=True, drop_last=False):
+    """The single-expert sampler before ``experts_per_step`` existed (reference for experts_per_step=1)."""
+    ref = ExpertBatchSampler(labels, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    generator = torch.Generator().manual_seed(seed + epoch)
+    batches = []
+    for rows, sizes in zip(ref._groups, ref._sizes, strict=True):
+        if shuffle:
+            rows = rows[torch.randperm(rows.size, generator=generator).numpy()]
+        start = 0
+        for size in sizes:
+            batches.append(rows[start : start + size].tolist())
+            start += size
+    if shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sampler_one_expert_per_step_is_unchanged(shuffle, drop_last):
+    labels = _labels()
+    s = ExpertBatchSampler(labels, batch_size=4, seed=3, shuffle=shuffle, drop_last=drop_last, experts_per_step=1)
+    default = ExpertBatchSampler(labels, batch_size=4, seed=3, shuffle=shuffle, drop_last=drop_last)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        default.set_epoch(epoch)
+        expected = _old_sampler_batches(labels, 4, 3, epoch, shuffle=shuffle, drop_last=drop_last)
+        assert list(s) == expected == list(default)
+        assert [step for step in s.iter_steps()] == [[b] for b in expected]
+        assert len(s) == len(expected)
+
+
+@pytest.mark.parametrize("per_step", [2, 3, None])
+def test_sampler_multi_expert_steps(per_step):
+    labels = _labels()
+    s = ExpertBatchSampler(labels, batch_size=4, seed=0, experts_per_step=per_step)
+    single = ExpertBatchSampler(labels, batch_size=4, seed=0)
+    # experts 0..5 (4 skipped) have 3, 1, 2, 2, 1 batches: fewest steps = max(3, ceil(9 / E))
+    assert len(s) == {2: 5, 3: 3, None: 3}[per_step]
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        single.set_epoch(epoch)
+        steps = list(s.iter_steps())
+        flat = list(s)
+        assert len(flat) == len(steps) == len(s)
+        assert flat == [[i for b in step for i in b] for step in steps]
+        sub_batches = [b for step in steps for b in step]
+        _check_epoch(sub_batches, labels)  # pure single-expert sub-batches, no size 1, every row exactly once
+        for step in steps:
+            experts = [int(labels[b[0]]) for b in step]
+            assert len(set(experts)) == len(experts)  # distinct experts
+            assert len(experts) <= (per_step or 5)
+            assert experts == sorted(experts)  # rows come expert by expert
+
+        # the same per-expert cuts as single-expert batching (same sizes, same rows of the epoch's permutation)
+        def cuts(batches):
+            return sorted((int(labels[b[0]]), len(b), tuple(b)) for b in batches)
+
+        assert cuts(sub_batches) == cuts(list(single))
+
+
+def test_sampler_multi_expert_steps_deterministic_and_all_experts():
+    labels = _labels()
+    a = ExpertBatchSampler(labels, batch_size=4, seed=7, experts_per_step=None)
+    b = ExpertBatchSampler(labels, batch_size=4, seed=7, experts_per_step=None)
+    assert list(a) == list(b) == list(a)
+    e0 = list(a)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    assert list(a) == list(b) != e0
+    assert list(ExpertBatchSampler(labels, batch_size=4, seed=8, experts_per_step=None)) != e0
+    # equal experts: every step holds one batch of every expert
+    big = np.repeat(np.arange(4), 40)
+    s = ExpertBatchSampler(big, batch_size=4, seed=0, experts_per_step=None)
+    steps = list(s.iter_steps())
+    assert len(s) == len(steps) == 10
+    assert all([int(big[bt[0]]) for bt in step] == [0, 1, 2, 3] for step in steps)
+    # E larger than the number of experts = all experts; no shuffle: rows in order
+    seq = list(ExpertBatchSampler(big, batch_size=4, shuffle=False, experts_per_step=99))
+    assert seq[0] == [0, 1, 2, 3, 40, 41, 42, 43, 80, 81, 82, 83, 120, 121, 122, 123]
+    assert len(seq) == 10
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="experts_per_step"):
+            ExpertBatchSampler(big, batch_size=4, experts_per_step=bad)
+
+
 # --------------------------------------------------------------------------- lightning
 
 
-def _synthetic(n=384, seed=0):
+def _synthetic(n=384, seed=0, n_experts=2):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, 4, generator=gen)
     image = z @ torch.randn(4, 16, generator=gen) + 0.1 * torch.randn(n, 16, generator=gen)
     gene = z @ torch.randn(4, 12, generator=gen) + 0.1 * torch.randn(n, 12, generator=gen)
-    expert = torch.randint(0, 2, (n,), generator=gen)
+    expert = torch.randint(0, n_experts, (n,), generator=gen)
     return image, gene, expert
 
 
-def _fit(loss="soft_clip", seed=0, max_epochs=6, check_val_every_n_epoch=1):
-    image, gene, expert = _synthetic()
+def _fit(loss="soft_clip", seed=0, max_epochs=6, check_val_every_n_epoch=1, experts_per_step=1, n_experts=2):
+    image, gene, expert = _synthetic(n_experts=n_experts)
     L.seed_everything(seed, verbose=False)
-    module = SpadeLightningModule(BatchedExperts(2, 16, 12, proj_dim=32), loss=loss, lr=1e-3, max_epochs=max_epochs)
+    module = SpadeLightningModule(
+        BatchedExperts(n_experts, 16, 12, proj_dim=32), loss=loss, lr=1e-3, max_epochs=max_epochs
+    )
     module.initial_state = {k: v.clone() for k, v in module.state_dict().items()}
     train = PairsDataset(image[:320], gene[:320], expert[:320])
     val = PairsDataset(image[320:], gene[320:], expert[320:])
-    train_dl = make_dataloader(train, train.expert_idx, batch_size=32, shuffle=True, seed=seed)
-    val_dl = make_dataloader(val, None, batch_size=32, shuffle=False, seed=seed)
+    kw = {"batch_size": 32, "seed": seed, "experts_per_step": experts_per_step}
+    train_dl = make_dataloader(train, train.expert_idx, shuffle=True, **kw)
+    val_dl = make_dataloader(val, None, shuffle=False, **kw)
     trainer = L.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
@@ -557,6 +746,64 @@ def test_lightning_same_seed_same_weights_and_infonce():
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
     assert a.history == b.history
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_all_experts_per_step_trains_and_is_deterministic():
+    a, trainer, train_dl = _fit(seed=2, max_epochs=4, experts_per_step=None, n_experts=3)
+    b, _, _ = _fit(seed=2, max_epochs=4, experts_per_step=None, n_experts=3)
+    sampler = train_dl.batch_sampler
+    assert sampler.experts_per_step is None
+    labels = train_dl.dataset.expert_idx.numpy()
+    per_expert = Counter(int(labels[bt[0]]) for bt in ExpertBatchSampler(labels, 32))  # single-expert batches
+    assert len(per_expert) == 3
+    assert trainer.num_training_batches == len(sampler) == max(per_expert.values())  # every step: all experts left
+    hist = a.history
+    assert [h["epoch"] for h in hist] == list(range(4))
+    assert hist[-1]["train_loss"] < 0.7 * hist[0]["train_loss"]
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+    assert a.history == b.history
+    sa, sb = a.state_dict(), b.state_dict()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    # the validation loss (row-weighted) does not depend on how single-expert batches are grouped into steps
+    image, gene, expert = _synthetic(n_experts=3)
+    val = slice(320, None)
+    a.eval()
+    means = []
+    with torch.no_grad():
+        for per_step in (1, 2, None):
+            total = 0.0
+            for rows in ExpertBatchSampler(expert[val], 32, shuffle=False, experts_per_step=per_step):
+                loss = a.loss_fn(*a(image[val][rows], gene[val][rows], expert[val][rows]), expert[val][rows])
+                total += float(loss) * len(rows)
+            means.append(total / len(expert[val]))
+    assert means == pytest.approx([hist[-1]["val_loss"]] * 3, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_spade_model_train_experts_per_step():
+    from spade_sc.tl._experts import DataExperts
+    from spade_sc.tl._spade import SpadeModel
+
+    image, gene, expert = (t.numpy() for t in _synthetic(n=192, n_experts=3))
+    experts = DataExperts(
+        centroids=np.zeros((3, 16), dtype=np.float32),
+        centroid_tissue=np.array(["all"] * 3),
+        centroid_expert=np.arange(3),
+        n_experts=3,
+    )
+    pairs = {"a": (image[:150], gene[:150], expert[:150]), "b": (image[150:], gene[150:], expert[150:])}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        for per_step in (None, 1):
+            model = SpadeModel(experts, [f"g{i}" for i in range(12)], 16, features_key="X_test", proj_dim=16)
+            kw = {} if per_step is None else {"experts_per_step": per_step}
+            model.train(pairs, validation=["b"], max_epochs=2, batch_size=16, progress=False, **kw)
+            assert model.train_params_["experts_per_step"] == per_step
+            assert all(h["train_loss"] is not None and h["val_loss"] is not None for h in model.history_)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def test_lightning_step_accepts_dict_batch_and_validates():

@@ -84,6 +84,7 @@ def make_dataloader(
     seed: int = 0,
     *,
     drop_last: bool = False,
+    experts_per_step: int | None = 1,
 ) -> DataLoader:
     """Build a single-process :class:`~torch.utils.data.DataLoader` with an :class:`ExpertBatchSampler`.
 
@@ -101,6 +102,9 @@ def make_dataloader(
         Base seed of the sampler.
     drop_last
         Passed to :class:`ExpertBatchSampler`.
+    experts_per_step
+        Passed to :class:`ExpertBatchSampler`: number of single-expert batches (distinct experts) per step;
+        ``None``: all experts.
 
     Returns
     -------
@@ -115,7 +119,14 @@ def make_dataloader(
     if len(expert_labels) != len(dataset):  # type: ignore[arg-type]
         msg = f"`expert_labels` has {len(expert_labels)} entries but `dataset` has {len(dataset)} rows."  # type: ignore[arg-type]
         raise ValueError(msg)
-    sampler = ExpertBatchSampler(expert_labels, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = ExpertBatchSampler(
+        expert_labels,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        experts_per_step=experts_per_step,
+    )
     return DataLoader(dataset, batch_sampler=sampler, num_workers=0)
 
 
@@ -133,10 +144,13 @@ def _unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class SpadeLightningModule(L.LightningModule):
-    """Contrastive training of :class:`BatchedExperts` on single-expert batches.
+    """Contrastive training of :class:`BatchedExperts` on steps made of single-expert batches.
 
-    Each training/validation batch holds rows of one expert (see :class:`ExpertBatchSampler`); both the image and
-    the gene side are embedded by that expert and compared with the contrastive loss.
+    Each training/validation step holds the rows of one or several experts (see :class:`ExpertBatchSampler` and its
+    ``experts_per_step``); every row is embedded, on both the image and the gene side, by its own expert, and the
+    contrastive loss is computed within each expert's rows only (hard negatives from the same expert), the step loss
+    being the row-weighted mean over the experts present (``loss_fn(image_emb, gene_emb, expert_idx)``). One
+    optimiser step thus trains all experts present in the step, with batched matrix products.
 
     Parameters
     ----------
@@ -216,7 +230,7 @@ class SpadeLightningModule(L.LightningModule):
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         image, gene, expert_idx = _unpack_batch(batch)
         image_emb, gene_emb = self(image, gene, expert_idx)
-        loss = self.loss_fn(image_emb, gene_emb)
+        loss = self.loss_fn(image_emb, gene_emb, expert_idx)
         n = image.shape[0]
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         sums = self._sums[stage]
@@ -225,7 +239,7 @@ class SpadeLightningModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Contrastive loss of one single-expert batch; logs ``train_loss`` (epoch mean).
+        """Contrastive loss of one step (within each expert's rows); logs ``train_loss`` (epoch mean over rows).
 
         Parameters
         ----------
@@ -242,7 +256,7 @@ class SpadeLightningModule(L.LightningModule):
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Contrastive loss of one validation batch; logs ``val_loss`` (epoch mean).
+        """Contrastive loss of one validation step (within each expert's rows); logs ``val_loss`` (mean over rows).
 
         Parameters
         ----------

@@ -25,7 +25,123 @@ def _check_pair(image_emb: torch.Tensor, gene_emb: torch.Tensor) -> None:
         raise ValueError(msg)
 
 
-def soft_clip_loss(image_emb: torch.Tensor, gene_emb: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def _check_groups(expert_idx: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
+    """Validate ``expert_idx``; return it as int64, or ``None`` when all rows belong to one expert."""
+    if expert_idx is None:
+        return None
+    expert_idx = torch.as_tensor(expert_idx)
+    if expert_idx.ndim != 1 or expert_idx.shape[0] != n_rows:
+        msg = f"`expert_idx` must have shape ({n_rows},), got {tuple(expert_idx.shape)}."
+        raise ValueError(msg)
+    if expert_idx.dtype.is_floating_point or expert_idx.dtype.is_complex or expert_idx.dtype == torch.bool:
+        msg = f"`expert_idx` must be an integer tensor, got dtype {expert_idx.dtype}."
+        raise ValueError(msg)
+    if n_rows == 0 or bool((expert_idx == expert_idx[0]).all()):
+        return None
+    return expert_idx.long()
+
+
+class _Groups:
+    """Layout of rows grouped by expert in a zero-padded ``(U, M, ...)`` tensor.
+
+    Parameters
+    ----------
+    expert_idx
+        Integer tensor ``(B,)``.
+
+    Attributes
+    ----------
+    n_groups : int
+        Number ``U`` of experts present.
+    size : int
+        Number ``M`` of rows of the largest group.
+    slot : torch.Tensor
+        ``(B,)`` position of each row in the flattened ``(U * M)`` padded layout.
+    mask : torch.Tensor
+        ``(U, M)`` boolean, True where a padded slot holds a row.
+    full : bool
+        No padding (all experts present have ``M`` rows): no masking is needed.
+    in_order : bool
+        ``full`` and the rows already come expert by expert (as the sampler yields them): padding is a view.
+    """
+
+    def __init__(self, expert_idx: torch.Tensor) -> None:
+        n = expert_idx.shape[0]
+        _, inverse, counts = torch.unique(expert_idx, return_inverse=True, return_counts=True)
+        self.n_groups = int(counts.numel())
+        self.size = int(counts.max())
+        order = torch.argsort(inverse, stable=True)
+        group = inverse[order]
+        offsets = torch.cumsum(counts, 0) - counts
+        position = torch.arange(n, device=expert_idx.device) - offsets[group]
+        self.slot = torch.empty_like(order)
+        self.slot[order] = group * self.size + position
+        flat_mask = torch.zeros(self.n_groups * self.size, dtype=torch.bool, device=expert_idx.device)
+        flat_mask[self.slot] = True
+        self.mask = flat_mask.view(self.n_groups, self.size)
+        self.full = self.n_groups * self.size == n
+        self.in_order = self.full and bool((self.slot == torch.arange(n, device=expert_idx.device)).all())
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Scatter rows ``(B, D)`` into the zero-padded ``(U, M, D)`` layout (differentiable)."""
+        if self.in_order:
+            return x.view(self.n_groups, self.size, x.shape[1])
+        flat = x.new_zeros(self.n_groups * self.size, x.shape[1]).index_copy(0, self.slot, x)
+        return flat.view(self.n_groups, self.size, x.shape[1])
+
+    def fill_padding(self, scores: torch.Tensor) -> torch.Tensor:
+        """Set the padded entries of ``(U, M, M)`` scores to the most negative finite value (no ``-inf``).
+
+        A valid row (column) then gives exactly zero softmax weight to padding, and a fully padded row stays finite
+        (uniform), so nothing downstream meets ``-inf * 0``.
+        """
+        if self.full:
+            return scores
+        pair = self.mask[:, :, None] & self.mask[:, None, :]
+        return scores.masked_fill(~pair, torch.finfo(scores.dtype).min)
+
+    def zero_padding(self, values: torch.Tensor) -> torch.Tensor:
+        """Zero the padded rows of ``(U, M)`` values (or of ``(U, M, M)`` values, row-wise)."""
+        if self.full:
+            return values
+        mask = self.mask if values.ndim == 2 else self.mask[:, :, None]
+        return values.masked_fill(~mask, 0.0)
+
+
+def _soft_ce_sum(logits: torch.Tensor, targets: torch.Tensor, groups: _Groups) -> torch.Tensor:
+    """Sum over experts and rows of the row-wise plus column-wise soft cross-entropies, ``(U, M, M)`` inputs.
+
+    ``CE(logits, targets)_i + CE(logits.T, targets.T)_j`` summed over valid ``i`` and ``j`` equals
+    ``2 <targets, logits> - sum_i r_i lse_row_i - sum_j c_j lse_col_j`` (negated), with ``r`` / ``c`` the row /
+    column sums of ``targets`` (zero on padding) and ``lse`` the log-sum-exp of the valid logits; this avoids
+    materialising two ``(U, M, M)`` log-softmax tensors.
+    """
+    filled = groups.fill_padding(logits)
+    lse_row = groups.zero_padding(torch.logsumexp(filled, dim=-1))
+    lse_col = groups.zero_padding(torch.logsumexp(filled, dim=-2))
+    dot = (targets * logits).sum()
+    return -(2.0 * dot - (targets.sum(-1) * lse_row).sum() - (targets.sum(-2) * lse_col).sum())
+
+
+def _grouped_soft_clip(
+    image_emb: torch.Tensor, gene_emb: torch.Tensor, groups: _Groups, temperature: float
+) -> torch.Tensor:
+    """Row-weighted mean over experts of :func:`soft_clip_loss` within each expert, computed batched."""
+    image, gene = groups.pad(image_emb), groups.pad(gene_emb)
+    image_t = image.transpose(1, 2)
+    logits = torch.bmm(gene, image_t) / temperature
+    half_tau = temperature / 2.0  # (I I^T + S S^T) / 2 * tau in one baddbmm
+    similarity = torch.baddbmm(torch.bmm(image, image_t), gene, gene.transpose(1, 2), beta=half_tau, alpha=half_tau)
+    targets = groups.zero_padding(F.softmax(groups.fill_padding(similarity), dim=-1))
+    return _soft_ce_sum(logits, targets, groups) / (2.0 * image_emb.shape[0])
+
+
+def soft_clip_loss(
+    image_emb: torch.Tensor,
+    gene_emb: torch.Tensor,
+    temperature: float = 1.0,
+    expert_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
     """BLEEP soft-target contrastive loss (as used by the SPADE reference implementation).
 
     With ``I = image_emb`` and ``S = gene_emb`` (not normalised)::
@@ -36,6 +152,13 @@ def soft_clip_loss(image_emb: torch.Tensor, gene_emb: torch.Tensor, temperature:
 
     The multiplication by ``temperature`` inside the targets follows the reference code.
 
+    With ``expert_idx``, the loss is computed within each expert's rows only (the rows of other experts are never
+    negatives nor soft targets) and the per-expert losses are averaged **weighted by their number of rows**, i.e.
+    ``sum_k n_k * loss_k / sum_k n_k`` -- the mean over all rows of the within-expert per-row losses. A step made of
+    several single-expert batches thus gives the same loss (times rows) as those batches one by one, and the
+    epoch mean does not depend on how batches are grouped into steps. It is computed batched on zero-padded
+    ``(U, M, M)`` logits with masks (``U`` experts present, ``M`` rows of the largest), without a loop over experts.
+
     Parameters
     ----------
     image_emb
@@ -44,6 +167,8 @@ def soft_clip_loss(image_emb: torch.Tensor, gene_emb: torch.Tensor, temperature:
         Gene (spot) embeddings ``(B, D)``; row ``i`` is paired with ``image_emb[i]``.
     temperature
         Temperature ``tau > 0``.
+    expert_idx
+        Integer tensor ``(B,)``, the expert of each row; ``None`` (or a single expert): one contrastive batch.
 
     Returns
     -------
@@ -54,6 +179,9 @@ def soft_clip_loss(image_emb: torch.Tensor, gene_emb: torch.Tensor, temperature:
     if not temperature > 0:
         msg = f"`temperature` must be > 0, got {temperature!r}."
         raise ValueError(msg)
+    expert_idx = _check_groups(expert_idx, image_emb.shape[0])
+    if expert_idx is not None:
+        return _grouped_soft_clip(image_emb, gene_emb, _Groups(expert_idx.to(image_emb.device)), temperature)
     logits = gene_emb @ image_emb.T / temperature
     images_similarity = image_emb @ image_emb.T
     spots_similarity = gene_emb @ gene_emb.T
@@ -79,7 +207,9 @@ class SoftCLIPLoss(nn.Module):
             raise ValueError(msg)
         self.temperature = float(temperature)
 
-    def forward(self, image_emb: torch.Tensor, gene_emb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image_emb: torch.Tensor, gene_emb: torch.Tensor, expert_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Compute the loss.
 
         Parameters
@@ -88,13 +218,16 @@ class SoftCLIPLoss(nn.Module):
             Image embeddings ``(B, D)``.
         gene_emb
             Gene embeddings ``(B, D)``.
+        expert_idx
+            Integer tensor ``(B,)``: compute the loss within each expert's rows and average over experts weighted by
+            rows (see :func:`soft_clip_loss`). ``None``: one contrastive batch.
 
         Returns
         -------
         torch.Tensor
             Scalar loss.
         """
-        return soft_clip_loss(image_emb, gene_emb, self.temperature)
+        return soft_clip_loss(image_emb, gene_emb, self.temperature, expert_idx)
 
     def extra_repr(self) -> str:
         """Show the temperature."""
@@ -136,7 +269,9 @@ class InfoNCELoss(nn.Module):
         """Current effective temperature ``1 / min(exp(logit_scale), max_scale)``."""
         return 1.0 / min(math.exp(self.logit_scale.item()), self.max_scale)
 
-    def forward(self, image_emb: torch.Tensor, gene_emb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image_emb: torch.Tensor, gene_emb: torch.Tensor, expert_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Compute the loss.
 
         Parameters
@@ -145,6 +280,10 @@ class InfoNCELoss(nn.Module):
             Image embeddings ``(B, D)``.
         gene_emb
             Gene embeddings ``(B, D)``; row ``i`` is paired with ``image_emb[i]``.
+        expert_idx
+            Integer tensor ``(B,)``: the loss is computed within each expert's rows only (negatives from the same
+            expert) and the per-expert losses are averaged weighted by their number of rows (as in
+            :func:`soft_clip_loss`), batched over padded groups. ``None`` (or a single expert): one batch.
 
         Returns
         -------
@@ -152,9 +291,18 @@ class InfoNCELoss(nn.Module):
             Scalar loss.
         """
         _check_pair(image_emb, gene_emb)
+        expert_idx = _check_groups(expert_idx, image_emb.shape[0])
         image_n = F.normalize(image_emb, dim=-1)
         gene_n = F.normalize(gene_emb, dim=-1)
         scale = self.logit_scale.exp().clamp(max=self.max_scale)
+        if expert_idx is not None:
+            groups = _Groups(expert_idx.to(image_emb.device))
+            logits = scale * torch.bmm(groups.pad(gene_n), groups.pad(image_n).transpose(1, 2))
+            filled = groups.fill_padding(logits)
+            # CE with identity targets, row- and column-wise: -(2 logits_ii - lse_row_i - lse_col_i) over valid i
+            diag = torch.diagonal(logits, dim1=-2, dim2=-1)
+            per_row = 2.0 * diag - torch.logsumexp(filled, dim=-1) - torch.logsumexp(filled, dim=-2)
+            return -groups.zero_padding(per_row).sum() / (2.0 * image_emb.shape[0])
         logits = scale * gene_n @ image_n.T
         labels = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2.0
@@ -179,7 +327,8 @@ def make_loss(name: str = "soft_clip", *, temperature: float = 1.0, init_tempera
     Returns
     -------
     torch.nn.Module
-        Module called as ``loss(image_emb, gene_emb)``.
+        Module called as ``loss(image_emb, gene_emb)`` or ``loss(image_emb, gene_emb, expert_idx)`` (loss within
+        each expert's rows, row-weighted mean over experts).
     """
     if name == "soft_clip":
         return SoftCLIPLoss(temperature)

@@ -1,4 +1,4 @@
-"""Batch sampler whose batches each contain the rows of a single data expert."""
+"""Batch sampler whose batches are made of single-expert sub-batches (hard negatives within each expert)."""
 
 from __future__ import annotations
 
@@ -16,37 +16,51 @@ __all__ = ["ExpertBatchSampler"]
 
 
 class ExpertBatchSampler(Sampler[list[int]]):
-    """Yield batches of row indices where every batch belongs to ONE expert (hard negatives).
+    """Yield training steps made of single-expert batches of row indices (hard negatives).
 
-    Per epoch, the rows of each expert are permuted (if ``shuffle``) and cut into batches of ``batch_size``; the
-    batches of all experts are then shuffled together so experts are interleaved. Every row of every expert appears
-    exactly once per epoch (unless ``drop_last``).
+    Per epoch, the rows of each expert are permuted (if ``shuffle``) and cut into single-expert batches of
+    ``batch_size``. With ``experts_per_step=1`` (the default) every yielded batch is one of them and the batches of
+    all experts are shuffled together so experts are interleaved. With ``experts_per_step=E > 1`` (or ``None``: all
+    experts), each yielded step is the concatenation of up to ``E`` single-expert batches of **different** experts,
+    so that one optimiser step trains several experts at once; the contrastive loss is then computed within each
+    expert's rows only (``loss_fn(image_emb, gene_emb, expert_idx)``, see :class:`~spade_sc.model.SoftCLIPLoss`).
+    In both cases every row of every expert appears exactly once per epoch (unless ``drop_last``).
+
+    Grouping (``E > 1``): at each step the ``E`` experts with the most single-expert batches left contribute their
+    next batch (ties broken by a per-epoch random order of the experts, or by label when ``shuffle=False``); this
+    uses the fewest steps possible, ``max(max_k n_k, ceil(sum_k n_k / E))`` for experts of ``n_k`` batches, and keeps
+    every expert in as many steps as possible. The steps are then shuffled (if ``shuffle``). Within a step the
+    sub-batches are contiguous and in label order (so rows come sorted by expert); :meth:`iter_steps` gives the
+    same steps split into their single-expert batches.
 
     Small experts:
 
     - a trailing batch of a single row is merged into the previous batch of the same expert (that batch then has
-      ``batch_size + 1`` rows), so no batch has size 1 (a contrastive loss needs at least 2 pairs);
+      ``batch_size + 1`` rows), so no single-expert batch has size 1 (a contrastive loss needs at least 2 pairs);
     - an expert with fewer than ``batch_size`` rows yields one smaller batch;
     - an expert with a single row in total cannot form a contrastive batch: it is skipped and a warning naming it is
       logged at construction (never dropped silently). Skipped experts are listed in :attr:`skipped_experts`.
 
-    The permutation of epoch ``e`` is drawn from ``torch.Generator().manual_seed(seed + e)``; call :meth:`set_epoch`
-    before each epoch (Lightning does it automatically through the :attr:`sampler` attribute).
+    The permutations of epoch ``e`` are drawn from ``torch.Generator().manual_seed(seed + e)``; call
+    :meth:`set_epoch` before each epoch (Lightning does it automatically through the :attr:`sampler` attribute).
 
     Parameters
     ----------
     expert_labels
         1-D sequence/array/tensor of length ``N`` with the expert of each row (any sortable labels, usually ints).
     batch_size
-        Target batch size (``>= 2``).
+        Target size of each single-expert batch (``>= 2``); a step holds up to ``experts_per_step`` of them.
     shuffle
-        Permute rows within experts and interleave the batches of different experts. If ``False``, batches are
-        yielded expert by expert (sorted labels) in row order.
+        Permute rows within experts and interleave the batches (steps) of different experts. If ``False``, rows
+        stay in order; with ``experts_per_step=1`` batches are yielded expert by expert (sorted labels).
     seed
         Base seed of the permutations.
     drop_last
         Drop the incomplete trailing batch of each expert, except when it is that expert's only batch (so no
         expert with at least 2 rows is ever dropped).
+    experts_per_step
+        Maximum number of (distinct) experts per yielded step; ``1`` gives single-expert batches, ``None`` all
+        experts in every step (as long as they have batches left).
 
     Attributes
     ----------
@@ -56,6 +70,8 @@ class ExpertBatchSampler(Sampler[list[int]]):
         Labels of experts with a single row, which never appear in batches.
     epoch : int
         Current epoch.
+    experts_per_step : int or None
+        As given.
     """
 
     def __init__(
@@ -66,9 +82,17 @@ class ExpertBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        experts_per_step: int | None = 1,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 2:
             msg = f"`batch_size` must be an integer >= 2 (contrastive batches need pairs), got {batch_size!r}."
+            raise ValueError(msg)
+        if experts_per_step is not None and (
+            isinstance(experts_per_step, bool)
+            or not isinstance(experts_per_step, int | np.integer)
+            or experts_per_step < 1
+        ):
+            msg = f"`experts_per_step` must be None or an integer >= 1, got {experts_per_step!r}."
             raise ValueError(msg)
         if isinstance(expert_labels, torch.Tensor):
             expert_labels = expert_labels.detach().cpu().numpy()
@@ -83,6 +107,7 @@ class ExpertBatchSampler(Sampler[list[int]]):
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.experts_per_step = None if experts_per_step is None else int(experts_per_step)
         self.epoch = 0
         self.n_rows = int(labels.size)
         experts, inverse = np.unique(labels, return_inverse=True)
@@ -99,7 +124,17 @@ class ExpertBatchSampler(Sampler[list[int]]):
             )
         self._groups = [g for g in groups if g.size >= 2]
         self._sizes = [self._split_sizes(g.size) for g in self._groups]
-        self._length = sum(len(s) for s in self._sizes)
+        n_batches = [len(s) for s in self._sizes]
+        if self._per_step == 1:
+            self._length = sum(n_batches)
+        else:
+            self._length = len(self._schedule(n_batches, list(range(len(n_batches)))))
+
+    @property
+    def _per_step(self) -> int:
+        """Effective number of experts per step (at least 1)."""
+        n_groups = max(len(self._groups), 1)
+        return n_groups if self.experts_per_step is None else min(self.experts_per_step, n_groups)
 
     def _split_sizes(self, n: int) -> list[int]:
         """Sizes of the batches cut from an expert of ``n >= 2`` rows."""
@@ -115,6 +150,36 @@ class ExpertBatchSampler(Sampler[list[int]]):
             else:
                 sizes.append(rem)
         return sizes
+
+    def _schedule(self, n_batches: list[int], rank: list[int]) -> list[list[tuple[int, int]]]:
+        """Group single-expert batches into steps of distinct experts.
+
+        Parameters
+        ----------
+        n_batches
+            Number of batches of each (non-skipped) expert.
+        rank
+            Tie-breaking rank of each expert (lower first).
+
+        Returns
+        -------
+        list of list of tuple
+            One list per step of ``(expert position, batch index within the expert)``, in expert (label) order.
+        """
+        per_step = self._per_step
+        remaining = list(n_batches)
+        taken = [0] * len(n_batches)
+        steps: list[list[tuple[int, int]]] = []
+        while True:
+            live = [g for g, r in enumerate(remaining) if r > 0]
+            if not live:
+                return steps
+            chosen = sorted(live, key=lambda g: (-remaining[g], rank[g]))[:per_step]
+            chosen.sort()
+            steps.append([(g, taken[g]) for g in chosen])
+            for g in chosen:
+                remaining[g] -= 1
+                taken[g] += 1
 
     @property
     def sampler(self) -> ExpertBatchSampler:
@@ -134,16 +199,47 @@ class ExpertBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self._length
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def iter_steps(self) -> Iterator[list[list[int]]]:
+        """Yield the steps of the current epoch, each split into its single-expert batches.
+
+        Yields
+        ------
+        list of list of int
+            One list per step holding the row indices of each of its single-expert batches (distinct experts);
+            concatenated, they are the batch yielded by iterating the sampler.
+        """
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches: list[list[int]] = []
+        per_expert: list[list[list[int]]] = []
         for rows, sizes in zip(self._groups, self._sizes, strict=True):
             if self.shuffle:
                 rows = rows[torch.randperm(rows.size, generator=generator).numpy()]
             start = 0
+            batches = []
             for size in sizes:
                 batches.append(rows[start : start + size].tolist())
                 start += size
+            per_expert.append(batches)
+        if self._per_step == 1:
+            # exactly the single-expert behaviour: all batches of all experts, shuffled together
+            flat = [b for batches in per_expert for b in batches]
+            if self.shuffle:
+                flat = [flat[i] for i in torch.randperm(len(flat), generator=generator).tolist()]
+            for b in flat:
+                yield [b]
+            return
+        n_groups = len(per_expert)
+        rank = list(range(n_groups))
         if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        yield from batches
+            rank = torch.argsort(torch.randperm(n_groups, generator=generator)).tolist()
+        steps = self._schedule([len(b) for b in per_expert], rank)
+        if self.shuffle:
+            steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+        for step in steps:
+            yield [per_expert[g][j] for g, j in step]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in self.iter_steps():
+            if len(step) == 1:
+                yield step[0]
+            else:
+                yield [i for batch in step for i in batch]

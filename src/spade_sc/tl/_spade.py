@@ -199,6 +199,7 @@ class SpadeModel:
         early_stopping_patience: int | None = None,
         trainer_kwargs: Mapping[str, Any] | None = None,
         progress: bool = True,
+        experts_per_step: int | None = None,
     ) -> SpadeModel:
         """Train the experts contrastively on single-expert batches; keep the weights of the best epoch.
 
@@ -223,6 +224,9 @@ class SpadeModel:
             Passed to :class:`lightning.Trainer` (``accelerator``, ``devices``, ``strategy``, ``precision``, ...).
         progress
             Show Lightning's progress bar.
+        experts_per_step
+            Single-expert batches (of distinct experts) per optimiser step, each expert's loss computed within its
+            own rows; None: all experts in each step (one batched step trains them all), 1: one expert per step.
 
         Returns
         -------
@@ -256,7 +260,9 @@ class SpadeModel:
         L.seed_everything(seed, workers=True, verbose=False)
 
         def loader(ds: PairsDataset, shuffle: bool) -> torch.utils.data.DataLoader:
-            sampler = ExpertBatchSampler(ds.expert_idx, batch_size, shuffle=shuffle, seed=seed)
+            sampler = ExpertBatchSampler(
+                ds.expert_idx, batch_size, shuffle=shuffle, seed=seed, experts_per_step=experts_per_step
+            )
             return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0)
 
         lit = SpadeLightningModule(
@@ -309,6 +315,7 @@ class SpadeModel:
             "best_epoch": best.best_epoch,
             "best_val_loss": best.best_score,
             "batch_size": int(batch_size),
+            "experts_per_step": None if experts_per_step is None else int(experts_per_step),
             "lr": float(lr),
             "weight_decay": float(weight_decay),
             "early_stopping_patience": early_stopping_patience,
@@ -640,6 +647,7 @@ def fit(
     trainer_kwargs: Mapping[str, Any] | None = None,
     feature_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
+    experts_per_step: int | None = None,
 ) -> SpadeModel:
     """Fit SPADE on one slide or a cohort: features, gene panel, data experts, contrastive training, embedding.
 
@@ -701,6 +709,9 @@ def fit(
         Passed to :func:`spade_sc.pp.image_features` for missing features.
     progress
         Progress bars.
+    experts_per_step
+        Single-expert batches (of distinct experts) per optimiser step, each expert's contrastive loss computed
+        within its own rows (hard negatives kept); None: all experts in each step, 1: one expert per step.
 
     Returns
     -------
@@ -850,6 +861,7 @@ def fit(
         early_stopping_patience=early_stopping_patience,
         trainer_kwargs=trainer_kwargs,
         progress=progress,
+        experts_per_step=experts_per_step,
     )
     model.train_params_["n_experts_auto"] = n_experts == "auto"
     model.train_params_["tissue_key"] = tissue_key
