@@ -29,7 +29,19 @@ def test_demo_cli_small(tmp_path):
     from spade_sc.cli import main
 
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--data", "synthetic", "--n-slides", "3", "--image-size", "768"]
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--data",
+        "synthetic",
+        "--n-slides",
+        "3",
+        "--n-spots",
+        "60",
+        "--image-size",
+        "768",
+    ]
     assert main([*args, "--epochs", "3", "--quiet"]) == 0
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
     assert sorted(p.name for p in out.glob("*.zarr")) == ["slide0.zarr", "slide1.zarr", "slide2.zarr"]

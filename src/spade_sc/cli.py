@@ -12,7 +12,7 @@ from pathlib import Path
 logger = logging.getLogger("spade_sc")
 
 
-def _cohort(data: str, n_slides: int, image_size: int, seed: int):
+def _cohort(data: str, n_slides: int, n_spots: int, image_size: int, seed: int):
     import spade_sc as sp
 
     if data == "her2st":
@@ -21,7 +21,7 @@ def _cohort(data: str, n_slides: int, image_size: int, seed: int):
             msg = "--data her2st needs SPADE_SC_DATA set to the folder that holds her2st/."
             raise SystemExit(msg)
         return sp.datasets.her2st(Path(root) / "her2st")
-    return sp.datasets.synthetic(n_slides=n_slides, n_spots=250, image_size=image_size, seed=seed)
+    return sp.datasets.synthetic(n_slides=n_slides, n_spots=n_spots, image_size=image_size, seed=seed)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -44,7 +44,7 @@ def demo(args: argparse.Namespace) -> int:
     if data == "auto":
         root = os.environ.get("SPADE_SC_DATA")
         data = "her2st" if root and (Path(root) / "her2st").is_dir() else "synthetic"
-    cohort = _cohort(data, args.n_slides, args.image_size, args.seed)
+    cohort = _cohort(data, args.n_slides, args.n_spots, args.image_size, args.seed)
     names = sorted(cohort)
     held_out = names[-1]
     train = {n: cohort[n] for n in names[:-1]}
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: her2st when $SPADE_SC_DATA holds it, else the synthetic cohort",
     )
     p.add_argument("--n-slides", type=int, default=4)
-    p.add_argument("--image-size", type=int, default=1536)
+    p.add_argument("--n-spots", type=int, default=250, help="spots per synthetic slide")
+    p.add_argument("--image-size", type=int, default=1536, help="side of the synthetic slides in pixels")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
