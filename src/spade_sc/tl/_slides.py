@@ -1,0 +1,463 @@
+"""Slide-level embeddings: tile every slide, embed every tile, mean-pool the tiles into one vector per slide.
+
+Where the cohort-level table lives
+----------------------------------
+A cohort is several ``SpatialData`` objects, so no single one of them can hold a table of all slides. Each slide's
+``SpatialData`` gets a non-annotating table ``tables["spade_slides"]`` holding its own single row, and
+:func:`slide_embeddings` returns the cohort-level :class:`~anndata.AnnData` (one row per slide), which is what slide
+level analyses (MIL, classifiers, plots) use. Concatenating the per-slide tables gives the same rows back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .._sdata import ATTRS_KEY, as_cohort, resolve_key, resolve_table, table_region
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+logger = logging.getLogger("spade_sc")
+
+#: Suffix of the tiles shapes element written by :func:`spade_sc.pp.tile_tissue` (``"<image>_tiles"``).
+TILES_SUFFIX = "_tiles"
+#: Default embedding key.
+SPADE_KEY = "X_spade"
+_KINDS = ("images", "shapes", "tables", "labels", "points")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers shared with tl._mil and pl._attention
+# --------------------------------------------------------------------------------------------------------------------
+def find_tiles(
+    sdata: SpatialData,
+    *,
+    image_key: str | None = None,
+    tiles_key: str | None = None,
+    where: str = "This slide",
+) -> tuple[str, str] | None:
+    """``(tiles shapes key, tiles table key)`` of a slide, or None when it has no tiles yet.
+
+    ``tiles_key`` names the shapes element; by default it is ``"<image>_tiles"`` (the name
+    :func:`spade_sc.pp.tile_tissue` writes), where the image may be omitted when the slide holds one image, or when
+    exactly one table made by ``tile_tissue`` is present.
+    """
+    if tiles_key is None:
+        if image_key is None and len(sdata.images) != 1:
+            made = [
+                table_region(t)[0][0]
+                for t in sdata.tables.values()
+                if "tile_tissue" in t.uns and "spatialdata_attrs" in t.uns and len(table_region(t)[0]) == 1
+            ]
+            if len(made) == 1:
+                tiles_key = made[0]
+            else:
+                image_key = resolve_key(sdata, "images", None, what="image_key")
+        if tiles_key is None:
+            image_key = resolve_key(sdata, "images", image_key, what="image_key")
+            tiles_key = f"{image_key}{TILES_SUFFIX}"
+    if tiles_key not in sdata.shapes:
+        return None
+    try:
+        table_key = resolve_table(sdata, None, tiles_key)
+    except ValueError as err:
+        msg = f"{where}: the tiles {tiles_key!r} have no table: {err}"
+        raise ValueError(msg) from err
+    return tiles_key, table_key
+
+
+def require_tiles(
+    sdata: SpatialData, *, image_key: str | None = None, tiles_key: str | None = None, where: str = "This slide"
+) -> tuple[str, str]:
+    """Like :func:`find_tiles`, but a slide without tiles is an error saying how to make them."""
+    found = find_tiles(sdata, image_key=image_key, tiles_key=tiles_key, where=where)
+    if found is None:
+        name = tiles_key or f"{resolve_key(sdata, 'images', image_key, what='image_key')}{TILES_SUFFIX}"
+        msg = (
+            f"{where} has no tiles (no shapes element {name!r}; shapes present: {sorted(sdata.shapes)}). Tile it "
+            "with spade_sc.pp.tile_tissue, or run spade_sc.tl.slide_embeddings(cohort, model) which tiles and embeds "
+            "every slide."
+        )
+        raise KeyError(msg)
+    return found
+
+
+def tile_features(table: AnnData, features_key: str, *, where: str) -> np.ndarray:
+    """The (n_tiles, d) float32 features of a tiles table, checked (present, 2-D, finite, non-empty)."""
+    if features_key not in table.obsm:
+        msg = (
+            f"{where}: the tiles table has no obsm[{features_key!r}] (present: {sorted(table.obsm)}). Compute it with "
+            "spade_sc.tl.slide_embeddings(cohort, model) (SPADE embedding) or spade_sc.tl.slide_embeddings(cohort, "
+            "encoder=...) (base encoder features), or with spade_sc.tl.embed / spade_sc.pp.image_features on the tiles."
+        )
+        raise KeyError(msg)
+    x = np.asarray(table.obsm[features_key], dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        msg = f"{where}: obsm[{features_key!r}] has shape {x.shape}; a non-empty (n_tiles, d) matrix is expected."
+        raise ValueError(msg)
+    if not np.isfinite(x).all():
+        msg = f"{where}: obsm[{features_key!r}] holds {int((~np.isfinite(x).all(1)).sum())} rows with NaN or inf."
+        raise ValueError(msg)
+    return x
+
+
+def slide_info(sdata: SpatialData) -> dict[str, Any]:
+    """Scalar slide-level annotations in ``sdata.attrs["spade_sc"]["slide"]`` (e.g. written by ``synthetic``)."""
+    info = sdata.attrs.get(ATTRS_KEY, {}).get("slide", {}) or {}
+    return {
+        str(k): (v.item() if isinstance(v, np.generic) else v)
+        for k, v in info.items()
+        if isinstance(v, str | int | float | bool | np.generic)
+    }
+
+
+def labels_frame(labels: Any, cohort_ids: Sequence[str], *, arg: str = "labels") -> pd.DataFrame:
+    """``labels`` (DataFrame or AnnData, indexed by slide id) as a DataFrame; ids outside the cohort are an error."""
+    from anndata import AnnData
+
+    if isinstance(labels, AnnData):
+        labels = labels.obs
+    if not isinstance(labels, pd.DataFrame):
+        msg = f"{arg} must be a pandas DataFrame indexed by slide id (or an AnnData), got {type(labels).__name__}."
+        raise TypeError(msg)
+    frame = labels.copy()
+    frame.index = frame.index.astype(str)
+    if not frame.index.is_unique:
+        dup = frame.index[frame.index.duplicated()].unique().tolist()
+        msg = f"{arg} has duplicated slide ids {dup[:10]}."
+        raise ValueError(msg)
+    unknown = [i for i in frame.index if i not in set(cohort_ids)]
+    if unknown:
+        msg = f"{arg} holds slide ids that are not in the cohort: {unknown[:10]} (cohort: {list(cohort_ids)[:10]}...)."
+        raise ValueError(msg)
+    return frame
+
+
+def _drop_none(value: Any) -> Any:
+    """``value`` without the None entries of its dicts (zarr / h5ad cannot store None in ``uns``)."""
+    if isinstance(value, Mapping):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _check_model(model: Any) -> None:
+    if model is not None and not (hasattr(model, "get_image_embedding") and hasattr(model, "features_key")):
+        msg = (
+            f"model must be a trained spade_sc.tl.SpadeModel (from spade_sc.tl.fit or SpadeModel.load), got "
+            f"{type(model).__name__}."
+        )
+        raise TypeError(msg)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------------------------
+def slide_embeddings(
+    cohort: SpatialData | Mapping[str, SpatialData] | Sequence[SpatialData],
+    model: Any = None,
+    *,
+    features_key: str | None = None,
+    tiles: bool = True,
+    labels: pd.DataFrame | AnnData | None = None,
+    image_key: str | None = None,
+    tiles_key: str | None = None,
+    encoder: Any = None,
+    routing: str | None = None,
+    tile_kwargs: Mapping[str, Any] | None = None,
+    feature_kwargs: Mapping[str, Any] | None = None,
+    key_added: str = "spade_slides",
+    progress: bool = True,
+) -> AnnData:
+    """One embedding per whole slide: tile the tissue, embed every tile, mean-pool the tiles.
+
+    For every slide, only the missing steps run:
+
+    1. **Tiles.** When the slide has no tiles (shapes ``"<image>_tiles"``), :func:`spade_sc.pp.tile_tissue` covers
+       its tissue (``tile_kwargs``), if ``tiles`` is True.
+    2. **Tile embeddings.** When the tiles table lacks ``obsm[features_key]``: with a SPADE ``model``,
+       :func:`spade_sc.tl.embed` on the tiles (computing the model's encoder features when missing); with an
+       ``encoder`` (and no model), :func:`spade_sc.pp.image_features` on the tiles, giving base-encoder features
+       (``"X_<encoder>"``) so that every comparison can be run both ways. Patches are cut at the tiling's ``mpp``
+       and ``tile_size``, so each patch is exactly its tile (override with ``feature_kwargs``).
+    3. **Pooling.** The mean of the tile embeddings is the slide embedding.
+
+    Everything is validated on every slide before anything is written.
+
+    Parameters
+    ----------
+    cohort
+        One SpatialData, ``{slide id: SpatialData}`` or a sequence of them (ids ``slide0``, ``slide1``, ...).
+    model
+        A trained :class:`spade_sc.tl.SpadeModel`, used for slides whose tiles lack ``features_key``.
+    features_key
+        ``obsm`` key of the tile embeddings; default ``"X_spade"``, or ``"X_<encoder name>"`` when ``encoder`` is
+        given. With a model, ``features_key=model.features_key`` pools the model's base-encoder features instead.
+    tiles
+        Tile slides that have no tiles yet; when False every slide must already be tiled.
+    labels
+        Slide-level annotations copied to ``obs``: a DataFrame (or an AnnData, its ``obs``) indexed by slide id.
+        Ids that are not in the cohort are an error; slides absent from it get missing values.
+    image_key
+        The H&E image of every slide, when a slide holds several.
+    tiles_key
+        Name of the tiles shapes element; default ``"<image>_tiles"``.
+    encoder
+        Encoder spec or :class:`spade_sc.encoders.Encoder` for base-encoder features (used without a model).
+    routing
+        Routing of :func:`spade_sc.tl.embed` (default: the model's).
+    tile_kwargs
+        Passed to :func:`spade_sc.pp.tile_tissue` (``mpp``, ``tile_size``, ``min_tissue``, ...).
+    feature_kwargs
+        Passed to :func:`spade_sc.pp.image_features` (through :func:`spade_sc.tl.embed` with a model).
+    key_added
+        Name of the per-slide table.
+    progress
+        Progress bars (over slides, and of the feature extraction).
+
+    Returns
+    -------
+    The cohort-level AnnData, one row per slide (index: slide id), with
+
+    - ``obsm[features_key]``: the mean tile embedding (n_slides x d, float32);
+    - ``obs["n_tiles"]``, ``obs["image_key"]``, ``obs["tiles_key"]``; the scalar entries of
+      ``sdata.attrs["spade_sc"]["slide"]`` (e.g. ``organ``, ``tumour_fraction``, ``label`` of the synthetic cohort)
+      and the columns of ``labels`` (which win on a name clash);
+    - ``uns[key_added]``: the parameters (``features_key``, ``pooling``, model fingerprint or encoder spec).
+
+    Writes into every slide:
+
+    - ``tables[key_added]``: a non-annotating table holding the slide's own row (same columns as above);
+    - when tiles were missing, ``shapes["<image>_tiles"]`` and ``tables["<image>_tiles_table"]``
+      (see :func:`spade_sc.pp.tile_tissue`);
+    - when tile embeddings were missing, ``tables["<image>_tiles_table"].obsm[features_key]`` and what
+      :func:`spade_sc.tl.embed` (``obs["spade_expert"]``, ``obsm["spade_routing"]``, ``uns["spade"]``, ...) or
+      :func:`spade_sc.pp.image_features` (``uns[features_key]``) write.
+    """
+    from anndata import AnnData
+    from tqdm.auto import tqdm
+
+    from .. import __version__
+
+    slides = as_cohort(cohort)
+    _check_model(model)
+    if model is not None and encoder is not None:
+        msg = (
+            "Pass either model= (SPADE embeddings, or the model's own base features) or encoder= (base-encoder "
+            "features), not both."
+        )
+        raise ValueError(msg)
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"key_added must be a non-empty string, got {key_added!r}."
+        raise ValueError(msg)
+    tile_kwargs = dict(tile_kwargs or {})
+    feature_kwargs = dict(feature_kwargs or {})
+    for bad in ("image_key",):
+        if bad in tile_kwargs:
+            msg = f"tile_kwargs must not hold {bad!r}: pass image_key= to slide_embeddings."
+            raise ValueError(msg)
+    if "key_added" in tile_kwargs:
+        if tiles_key is not None and tiles_key != tile_kwargs["key_added"]:
+            msg = f"tiles_key={tiles_key!r} differs from tile_kwargs['key_added']={tile_kwargs['key_added']!r}."
+            raise ValueError(msg)
+        tiles_key = tile_kwargs["key_added"]
+    label_frame = None if labels is None else labels_frame(labels, list(slides))
+
+    enc = None
+    if encoder is not None:
+        from ..encoders import get_encoder
+
+        enc = get_encoder(encoder)
+    if features_key is None:
+        features_key = f"X_{enc.name}" if enc is not None else SPADE_KEY
+
+    # ---- validation: nothing is written before every slide has passed ---------------------------------------------
+    plan: dict[str, dict[str, Any]] = {}
+    dims: dict[str, int] = {}
+    for name, sdata in slides.items():
+        where = f"Slide {name!r}"
+        found = find_tiles(sdata, image_key=image_key, tiles_key=tiles_key, where=where)
+        step: dict[str, Any] = {"image_key": image_key, "tile": found is None, "features": True}
+        if found is None:
+            img = resolve_key(sdata, "images", image_key, what="image_key")
+            if not tiles:
+                shapes_name = tiles_key or f"{img}{TILES_SUFFIX}"
+                msg = (
+                    f"{where} has no tiles (shapes {shapes_name!r}) and tiles=False: tile it with "
+                    "spade_sc.pp.tile_tissue or pass tiles=True."
+                )
+                raise KeyError(msg)
+            step["image_key"] = img
+            step["tiles_key"] = tiles_key or f"{img}{TILES_SUFFIX}"
+        else:
+            step["tiles_key"], step["table_key"] = found
+            table = sdata.tables[found[1]]
+            if step["image_key"] is None:
+                step["image_key"] = table.uns.get("tile_tissue", {}).get("image_key")
+            if features_key in table.obsm:
+                step["features"] = False
+                dims[name] = tile_features(table, features_key, where=where).shape[1]
+        for kind in _KINDS:
+            if kind != "tables" and key_added in getattr(sdata, kind):
+                msg = f"{where}: key_added={key_added!r} already names an element of sdata.{kind}; choose another."
+                raise ValueError(msg)
+        table_name = step.get("table_key", f"{step['tiles_key']}_table")
+        if key_added == table_name or (
+            key_added in sdata.tables and "spatialdata_attrs" in sdata.tables[key_added].uns
+        ):
+            msg = f"{where}: key_added={key_added!r} names a table that annotates elements (tiles or spots)."
+            raise ValueError(msg)
+        if step["features"]:
+            if model is None and enc is None:
+                what = "has no tiles yet" if step["tile"] else f"has tiles without obsm[{features_key!r}]"
+                msg = (
+                    f"{where} {what}, and there is nothing to embed them with: pass model= (a trained "
+                    f"spade_sc.tl.SpadeModel, for {SPADE_KEY!r}) or encoder= (e.g. 'efficientnet_lite0', for base "
+                    "features 'X_<encoder>'), or compute the tile features first."
+                )
+                raise ValueError(msg)
+            has_base = not step["tile"] and model is not None and model.features_key in table.obsm
+            if model is not None and model.encoder_spec is None and not has_base:
+                msg = (
+                    f"{where}: obsm[{features_key!r}] is missing and the model records no encoder to compute the "
+                    f"{model.features_key!r} features it takes; compute them on the tiles first "
+                    "(spade_sc.pp.image_features)."
+                )
+                raise ValueError(msg)
+        plan[name] = step
+    if len(set(dims.values())) > 1:
+        msg = f"The tile features {features_key!r} differ in dimension across slides: {dims}."
+        raise ValueError(msg)
+
+    # ---- work -----------------------------------------------------------------------------------------------------
+    rows: list[dict[str, Any]] = []
+    pooled: list[np.ndarray] = []
+    for name, sdata in tqdm(slides.items(), desc="slide_embeddings", unit="slide", disable=not progress):
+        step = plan[name]
+        where = f"Slide {name!r}"
+        if step["tile"]:
+            from ..pp import tile_tissue
+
+            kwargs = dict(tile_kwargs)
+            if tiles_key is not None:
+                kwargs["key_added"] = tiles_key
+            tile_tissue(sdata, image_key=step["image_key"], **kwargs)
+            step["tiles_key"], step["table_key"] = require_tiles(
+                sdata, image_key=step["image_key"], tiles_key=step["tiles_key"], where=where
+            )
+        tkey, skey = step["table_key"], step["tiles_key"]
+        table = sdata.tables[tkey]
+        if step["features"]:
+            _embed_tiles(sdata, model, enc, step, features_key, routing, feature_kwargs, progress)
+        x = tile_features(table, features_key, where=where)
+        pooled.append(x.mean(axis=0))
+        rows.append(
+            {
+                **slide_info(sdata),
+                "n_tiles": int(x.shape[0]),
+                "image_key": str(step["image_key"] or table.uns.get("tile_tissue", {}).get("image_key", "")),
+                "tiles_key": skey,
+            }
+        )
+    dims_out = {name: len(v) for name, v in zip(slides, pooled, strict=True)}
+    if len(set(dims_out.values())) > 1:
+        msg = f"The tile features {features_key!r} differ in dimension across slides: {dims_out}."
+        raise ValueError(msg)
+
+    obs = pd.DataFrame(rows, index=pd.Index(list(slides), name="slide"))
+    if label_frame is not None:
+        obs = obs.drop(columns=[c for c in label_frame.columns if c in obs.columns])
+        obs = obs.join(label_frame, how="left")
+    obs.index = obs.index.astype(str)
+    obs.index.name = None
+    for col in obs.columns:
+        if obs[col].dtype == object and obs[col].map(lambda v: isinstance(v, str) or v is None).all():
+            obs[col] = pd.Categorical(obs[col])
+    params: dict[str, Any] = {"features_key": features_key, "pooling": "mean", "spade_sc_version": __version__}
+    if model is not None:
+        params["model_fingerprint"] = model.fingerprint()
+        params["routing"] = routing or model.init_params_["routing"]
+    if enc is not None:
+        params["encoder"] = _drop_none(json.loads(json.dumps(enc.spec, default=str)))
+    emb = np.stack(pooled).astype(np.float32)
+    adata = AnnData(X=np.zeros((len(slides), 0), dtype=np.float32), obs=obs)
+    adata.obsm[features_key] = emb
+    adata.uns[key_added] = {"params": params}
+
+    from spatialdata.models import TableModel
+
+    for i, (name, sdata) in enumerate(slides.items()):
+        row = adata[i : i + 1].copy()
+        if key_added in sdata.tables:
+            logger.info("slide_embeddings: replacing tables[%r] of slide %r", key_added, name)
+            del sdata.tables[key_added]
+        sdata.tables[key_added] = TableModel.parse(row)
+    logger.info(
+        "slide_embeddings: %d slides, %s-d %r mean-pooled over %d tiles in total",
+        len(slides),
+        emb.shape[1],
+        features_key,
+        int(obs["n_tiles"].sum()),
+    )
+    return adata
+
+
+def _embed_tiles(
+    sdata: SpatialData,
+    model: Any,
+    enc: Any,
+    step: dict[str, Any],
+    features_key: str,
+    routing: str | None,
+    feature_kwargs: dict[str, Any],
+    progress: bool,
+) -> None:
+    """Compute the missing tile features of one slide (SPADE model or base encoder)."""
+    from ..pp import image_features
+
+    tkey, skey = step["table_key"], step["tiles_key"]
+    params = sdata.tables[tkey].uns.get("tile_tissue", {})
+    kwargs: dict[str, Any] = {}
+    if "mpp" in params and "tile_size" in params:
+        kwargs = {"mpp": float(params["mpp"]), "patch_size": int(params["tile_size"])}
+    if step["image_key"] is not None:
+        kwargs["image_key"] = step["image_key"]
+    kwargs.update(feature_kwargs)
+    if model is None:
+        image_features(
+            sdata, encoder=enc, shapes_key=skey, table_key=tkey, key_added=features_key, progress=progress, **kwargs
+        )
+        return
+    if features_key == model.features_key:
+        from ..encoders import encoder_from_spec
+
+        image_features(
+            sdata,
+            encoder=encoder_from_spec(model.encoder_spec),
+            shapes_key=skey,
+            table_key=tkey,
+            key_added=features_key,
+            progress=progress,
+            **kwargs,
+        )
+        return
+    from ._spade import embed
+
+    embed(
+        sdata,
+        model,
+        routing=routing,
+        table_key=tkey,
+        shapes_key=skey,
+        key_added=features_key,
+        progress=progress,
+        feature_kwargs=kwargs,
+    )
