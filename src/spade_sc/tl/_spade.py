@@ -296,6 +296,9 @@ class SpadeModel:
         chatty = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         level = chatty.level
         chatty.setLevel(logging.WARNING)
+        # Trainer(deterministic=True) switches torch's deterministic algorithms on for the whole process: restore
+        # the caller's setting (and thread count) afterwards.
+        deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
         try:
             trainer = L.Trainer(**kwargs)
             trainer.fit(
@@ -305,6 +308,8 @@ class SpadeModel:
             )
         finally:
             chatty.setLevel(level)
+            torch.use_deterministic_algorithms(deterministic)
+            torch.set_num_threads(threads)
         best.restore(lit)
         self.module = lit.experts.cpu().eval()
         self.loss_module = lit.loss_fn.cpu()
@@ -725,10 +730,13 @@ def fit(
       tissue, WCSS), model fingerprint, training record, versions;
     - ``obsm["X_<encoder>"]`` and ``uns["X_<encoder>"]`` where features were computed.
     """
+    import torch
+
     from ..encoders import get_encoder
     from ..pp import gene_matrix, gene_panel, image_features
     from ._experts import build_experts
 
+    threads = torch.get_num_threads()  # scanpy's numba kernels in the gene panel can change it
     cohort = as_cohort(sdata_or_cohort)
     keys = {name: _spots_table(s, table_key, shapes_key) for name, s in cohort.items()}
     tables = {name: cohort[name].tables[keys[name][0]] for name in cohort}
@@ -754,6 +762,7 @@ def fit(
 
     # Gene panel first: it validates the counts (shared genes, NaN, negative values) before anything is written.
     genes = gene_panel(cohort, n_top_genes=n_top_genes, table_key=table_key, inplace=False)
+    torch.set_num_threads(threads)
 
     enc = None
     if features_key is None:
