@@ -201,7 +201,7 @@ class SpadeModel:
         progress: bool = True,
         experts_per_step: int | None = None,
     ) -> SpadeModel:
-        """Train the experts contrastively on single-expert batches; keep the weights of the best epoch.
+        """Train the experts contrastively (negatives only within each expert); keep the weights of the best epoch.
 
         Parameters
         ----------
@@ -213,7 +213,8 @@ class SpadeModel:
         max_epochs
             Epochs.
         batch_size
-            Pairs per batch (every batch from one expert).
+            Pairs per expert batch (a batch holds pairs of one expert; a step holds up to ``experts_per_step``
+            such batches, each with its own contrastive loss).
         lr
             AdamW learning rate (cosine schedule over ``max_epochs``).
         weight_decay
@@ -658,7 +659,7 @@ def fit(
 
     Every missing step runs with defaults: patch features with ``encoder`` (:func:`spade_sc.pp.image_features`)
     for slides that lack ``obsm[features_key]``, the gene panel (:func:`spade_sc.pp.gene_panel`), the two-step
-    data experts (:func:`spade_sc.tl.build_experts`). Training uses single-expert batches (hard negatives),
+    data experts (:func:`spade_sc.tl.build_experts`). Every contrastive batch holds one expert's pairs (hard negatives),
     AdamW with a cosine schedule, and keeps the epoch with the lowest loss on held-out **slides**.
 
     Parameters
@@ -689,7 +690,7 @@ def fit(
     max_epochs
         Training epochs.
     batch_size
-        Pairs per batch.
+        Pairs per expert batch.
     lr
         Learning rate.
     weight_decay
