@@ -659,8 +659,9 @@ def fit(
 
     Every missing step runs with defaults: patch features with ``encoder`` (:func:`spade_sc.pp.image_features`)
     for slides that lack ``obsm[features_key]``, the gene panel (:func:`spade_sc.pp.gene_panel`), the two-step
-    data experts (:func:`spade_sc.tl.build_experts`). Every contrastive batch holds one expert's pairs (hard negatives),
-    AdamW with a cosine schedule, and keeps the epoch with the lowest loss on held-out **slides**.
+    data experts (:func:`spade_sc.tl.build_experts`). Training draws every contrastive batch from one expert's
+    pairs (hard negatives), uses AdamW with a cosine schedule, and keeps the epoch with the lowest loss on
+    held-out **slides**.
 
     Parameters
     ----------
