@@ -25,7 +25,6 @@ import contextlib
 import functools
 import json
 import logging
-import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from .._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
 from .._sdata import as_cohort
 from ._slides import SPADE_KEY, labels_frame, require_tiles, tile_features
 
@@ -47,9 +47,6 @@ logger = logging.getLogger("spade_sc")
 TASKS = ("classification", "survival")
 #: Number of discrete-time survival bins (quartiles of the training event times).
 N_BINS = 4
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 #: Names of the attention columns (raw score, percentile rank) and the key of their parameters.
 ATTENTION_KEY = "spade_attention"
 
@@ -263,8 +260,6 @@ class MILModel:
     # ------------------------------------------------------------------ files
     def config(self) -> dict[str, Any]:
         """The JSON part of the model file."""
-        from ._spade import _versions
-
         return {
             "format_version": FORMAT_VERSION,
             "class": type(self).__name__,
@@ -275,7 +270,7 @@ class MILModel:
             "bin_edges": None if self.bin_edges is None else [_json_float(b) for b in self.bin_edges],
             "standardised": self.feature_mean is not None,
             "train_params": json.loads(json.dumps(self.train_params_, default=str)),
-            "versions": _versions(),
+            "versions": versions(),
         }
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -293,22 +288,12 @@ class MILModel:
         The folder.
         """
         import torch
-        from safetensors.torch import save_file
 
-        path = Path(path)
-        if path.exists():
-            if not overwrite:
-                msg = f"{path} exists; pass overwrite=True to replace it."
-                raise FileExistsError(msg)
-            shutil.rmtree(path)
         tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         if self.feature_mean is not None:
             tensors["feature_mean"] = torch.from_numpy(self.feature_mean.copy())
             tensors["feature_std"] = torch.from_numpy(self.feature_std.copy())
-        path.mkdir(parents=True)
-        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-        (path / CONFIG_FILE).write_text(json.dumps(self.config(), indent=1))
-        return path
+        return write_model_folder(path, tensors, self.config(), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> MILModel:
@@ -323,29 +308,15 @@ class MILModel:
         -------
         The model.
         """
-        from safetensors.torch import load_file
-
         from ..model import GatedABMIL
 
-        path = Path(path)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (path / name).is_file():
-                msg = f"The model folder {path} lacks {name}."
-                raise FileNotFoundError(msg)
-        config = json.loads((path / CONFIG_FILE).read_text())
-        if config.get("class") != cls.__name__ or config.get("format_version") != FORMAT_VERSION:
-            msg = (
-                f"{path} holds a {config.get('class')!r} of format {config.get('format_version')!r}; expected a "
-                f"{cls.__name__} of format {FORMAT_VERSION}."
-            )
-            raise ValueError(msg)
+        config, tensors = read_model_folder(path, cls.__name__)
         p = config["init_params"]
         module = GatedABMIL(p["in_dim"], p["n_classes"], p["hidden"], p["attention_dim"], p["dropout"])
-        tensors = load_file(str(path / WEIGHTS_FILE))
         module.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("module.")}, strict=True)
         std = config.get("standardised")
         if std and "feature_mean" not in tensors:
-            msg = f"{path / WEIGHTS_FILE} lacks the feature standardisation its config records."
+            msg = f"{path} lacks the feature standardisation its config records."
             raise ValueError(msg)
         edges = config.get("bin_edges")
         return cls(

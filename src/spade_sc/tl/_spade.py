@@ -6,13 +6,13 @@ import copy
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
 from .._sdata import as_cohort, resolve_key, resolve_table, table_region
 
 if TYPE_CHECKING:
@@ -23,24 +23,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("spade_sc")
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 ROUTINGS = ("soft", "hard", "uniform")
 LOSSES = ("soft_clip", "infonce")
 GENE_INPUTS = ("counts", "log1p")
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("spade_sc", "torch", "timm", "lightning", "scanpy", "spatialdata", "scikit-learn", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:  # pragma: no cover
-            out[pkg] = "absent"
-    return out
 
 
 def _check_finite(name: str, x: np.ndarray) -> None:
@@ -425,7 +410,7 @@ class SpadeModel:
             "history": self.history_,
             "is_trained": self.is_trained_,
             "fingerprint": self.fingerprint(),
-            "versions": _versions(),
+            "versions": versions(),
         }
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -442,18 +427,7 @@ class SpadeModel:
         -------
         The folder.
         """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if path.exists():
-            if not overwrite:
-                msg = f"{path} exists; pass overwrite=True to replace it."
-                raise FileExistsError(msg)
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        save_file(self.state_tensors(), str(path / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-        (path / CONFIG_FILE).write_text(json.dumps(self.config(), indent=1))
-        return path
+        return write_model_folder(path, self.state_tensors(), self.config(), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path, *, genes: Sequence[str] | None = None) -> SpadeModel:
@@ -470,30 +444,13 @@ class SpadeModel:
         -------
         The model, with bit-identical weights.
         """
-        from safetensors.torch import load_file
-
         from ._experts import DataExperts
 
-        path = Path(path)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (path / name).is_file():
-                msg = f"The model folder {path} lacks {name}."
-                raise FileNotFoundError(msg)
-        config = json.loads((path / CONFIG_FILE).read_text())
-        if config.get("format_version") != FORMAT_VERSION:
-            msg = (
-                f"{path / CONFIG_FILE} has format_version {config.get('format_version')!r}; this spade_sc reads "
-                f"format {FORMAT_VERSION}."
-            )
-            raise ValueError(msg)
-        if config.get("class") != cls.__name__:
-            msg = f"{path} holds a {config.get('class')!r}, not a {cls.__name__}."
-            raise ValueError(msg)
+        config, tensors = read_model_folder(path, cls.__name__)
         if genes is not None and list(genes) != list(config["genes"]):
             diff = sorted(set(genes) ^ set(config["genes"]))[:10]
             msg = f"The gene panel stored in {path} differs from the expected one (e.g. {diff})."
             raise ValueError(msg)
-        tensors = load_file(str(path / WEIGHTS_FILE))
         arrays = {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("data_experts.")}
         experts = DataExperts.from_dict({**config["data_experts"], **arrays})
         p = config["init_params"]
@@ -521,7 +478,7 @@ class SpadeModel:
         ]
         if missing or unexpected or shapes:
             msg = (
-                f"{path / WEIGHTS_FILE} does not match its config: missing {missing[:10]}, unexpected "
+                f"{path} does not match its config: missing {missing[:10]}, unexpected "
                 f"{unexpected[:10]}, shape mismatches {shapes[:10]}."
             )
             raise ValueError(msg)
@@ -610,7 +567,7 @@ def _write_embedding(
         "fingerprint": model.fingerprint(),
         "train_params": json.loads(json.dumps(model.train_params_, default=str)),
         "experts": model.experts.config()["params"],
-        "versions": _versions(),
+        "versions": versions(),
         **(extra or {}),
     }
 
