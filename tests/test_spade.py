@@ -126,7 +126,7 @@ def test_single_slide_uses_a_spatial_block(synthetic_features):
 def test_auto_number_of_experts(synthetic_features):
     from spade_sc.tl._spade import auto_n_experts
 
-    assert auto_n_experts(100) == 1 and auto_n_experts(1000) == 3 and auto_n_experts(10**6) == 16
+    assert auto_n_experts(100) == 1 and auto_n_experts(2500) == 2 and auto_n_experts(10**6) == 16
     cohort = synthetic_features()
     model = sp.tl.fit(cohort, seed=0, **{**SMALL, "n_experts": "auto"})
     n = sum(s.tables["table"].n_obs for s in cohort.values())

@@ -34,8 +34,13 @@ def _check_finite(name: str, x: np.ndarray) -> None:
         raise ValueError(msg)
 
 
-def auto_n_experts(n_pairs: int, *, min_pairs_per_expert: int = 256, max_experts: int = 16) -> int:
-    """Number of experts for ``n_pairs`` training pairs: at most 16, each with about 256 pairs or more."""
+def auto_n_experts(n_pairs: int, *, min_pairs_per_expert: int = 1000, max_experts: int = 16) -> int:
+    """Number of experts for ``n_pairs`` training pairs: at most 16, each with about 1000 pairs or more.
+
+    Measured on her2st (about 800 training pairs per leave-one-section-out fold, benchmarks/README.md): every
+    split into 2, 8 or 16 experts lowered gene-expression prediction and label probes below the single expert,
+    which itself beat the base features; experts need enough pairs each for their own contrastive heads.
+    """
     return int(np.clip(n_pairs // min_pairs_per_expert, 1, max_experts))
 
 
@@ -598,7 +603,7 @@ def fit(
     routing_tau: float = 0.1,
     max_epochs: int = 100,
     batch_size: int = 512,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     weight_decay: float = 1e-2,
     validation_slides: Sequence[str] | None = None,
     validation_fraction: float = 0.2,
@@ -629,7 +634,7 @@ def fit(
     encoder
         Encoder spec for missing features (see :func:`spade_sc.encoders.get_encoder`).
     n_experts
-        Number of data experts; ``"auto"``: ``clip(n_pairs // 256, 1, 16)`` (16 as in the paper on large
+        Number of data experts; ``"auto"``: ``clip(n_pairs // 1000, 1, 16)`` (16 as in the paper on large
         cohorts, fewer when each expert would get too few pairs to train on).
     n_clusters_per_tissue
         Step-1 clusters per tissue type; ``"auto"``: 16 (the paper), at least ``n_experts``.
@@ -650,7 +655,9 @@ def fit(
     batch_size
         Pairs per expert batch.
     lr
-        Learning rate.
+        AdamW learning rate. 1e-3 rather than the paper's 1e-4: the paper trained on 10^5-10^6 pairs; on about a
+        thousand pairs (her2st) 1e-4 had not converged after 300 epochs and gave a weaker embedding
+        (benchmarks/README.md).
     weight_decay
         Weight decay.
     validation_slides
@@ -768,7 +775,7 @@ def fit(
     k1 = max(16, k) if n_clusters_per_tissue == "auto" else int(n_clusters_per_tissue)
     if n_experts == "auto":
         logger.info(
-            "spade_sc.tl.fit: %d training pairs -> n_experts=%d (auto: about 256 pairs or more each)", n_pairs, k
+            "spade_sc.tl.fit: %d training pairs -> n_experts=%d (auto: about 1000 pairs or more each)", n_pairs, k
         )
     experts = build_experts(
         cohort,
