@@ -46,7 +46,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     e = p.add_argument_group("evaluation")
     e.add_argument("--draws", type=int, default=20)
     e.add_argument("--retrieval-k", type=int, default=50)
-    e.add_argument("--representations", default=None, help="comma-separated (default: all six)")
+    e.add_argument("--representations", default=None, help="comma-separated (default: all six + untrained_heads)")
     e.add_argument("--quick", action="store_true", help="5 draws, base and spade_soft only")
     e.add_argument("--threads", type=int, default=1, help="BLAS / torch threads (1 avoids oversubscription)")
     e.add_argument("--seed", type=int, default=0)
@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     from spade_sc.tl._evaluate import REPRESENTATIONS, evaluate
 
     torch.set_num_threads(args.threads)
-    reps = REPRESENTATIONS if args.representations is None else tuple(args.representations.split(","))
+    reps = (
+        (*REPRESENTATIONS, "untrained_heads")
+        if args.representations is None
+        else tuple(args.representations.split(","))
+    )
     draws = args.draws
     if args.quick:
         reps, draws = ("base", "spade_soft"), 5
@@ -160,10 +164,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         wide = wide.reindex([r for r in reps if r in wide.index])
         ratio = ratio.reindex(wide.index)
+        wins = part.pivot_table(index="representation", columns="shots", values="wins", aggfunc="first", observed=True)
+        ratio = (
+            ratio.round(3).astype(str) + " (" + (100 * wins.reindex(wide.index)).round(0).astype(int).astype(str) + "%)"
+        )
         print(f"\n== {task} / {metric}: mean ± sd over folds (few-shot: mean of {draws} draws per fold) ==")
         print(wide.to_string())
-        print("-- ratio to base (same folds and draws) --")
-        print(ratio.round(3).to_string())
+        print("-- ratio to base (in brackets: share of the paired fold x draw scores above base) --")
+        print(ratio.to_string())
         if args.per_fold:
             pf = res.table[(res.table.task == task) & (res.table.metric == metric)]
             pf = pf.groupby(["representation", "shots", "fold"], observed=True)["value"].mean().unstack("fold")

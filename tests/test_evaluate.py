@@ -379,3 +379,26 @@ def test_evaluate_her2st_tiny(her2st_with_features):
     obs = pd.concat([cohort[s].tables["table"].obs for s in ("C2", "C3", "C4")])
     for spots in d["spots"]:
         assert (obs.loc[spots, "label"].astype(str).value_counts() == 5).all()
+
+
+def test_untrained_heads_control(cohort):
+    """The architecture-only control is the image head a single expert starts its training from."""
+    from spade_sc.model import BatchedExperts
+
+    a = BatchedExperts(1, 32, 1, seed=3).image_heads.state_dict()
+    b = BatchedExperts(1, 32, 57, seed=3).image_heads.state_dict()  # the gene panel size does not matter
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    res = evaluate(
+        cohort,
+        features_key="X_feat",
+        representations=("base", "untrained_heads"),
+        tasks=("expression",),
+        n_genes=10,
+        gene_shots=(30,),
+        n_draws=2,
+        pca=(False,),
+        seed=3,
+        progress=False,
+    )
+    assert set(res.table["representation"]) == {"base", "untrained_heads"}
+    assert np.isfinite(res.table["value"]).all()

@@ -39,8 +39,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("spade_sc")
 
-#: Representations :func:`evaluate` knows by name; any other name is read from ``obsm``.
+#: Representations :func:`evaluate` compares by default; any other name is read from ``obsm``.
 REPRESENTATIONS = ("base", "spade_soft", "spade_hard", "spade_uniform", "single_expert", "random_projection")
+#: Built-in representations that are not in the default list.
+EXTRA_REPRESENTATIONS = ("untrained_heads",)
 #: Protocols of :func:`evaluate`.
 TASKS = ("expression", "label", "retrieval")
 #: Ridge penalties searched by inner cross-validation (features are standardised first).
@@ -677,13 +679,16 @@ def evaluate(
 
     For every fold (by default each slide in turn is held out):
 
-    1. SPADE is trained by :func:`spade_sc.tl.fit` on **copies** of the training slides only (``fit_kwargs``), once
-       with its data experts and once with a single expert (``n_experts=1``: BLEEP heads on frozen features). Nothing
-       is written into ``cohort``.
+    1. SPADE is trained by :func:`spade_sc.tl.fit` on **copies** of the training slides only (``fit_kwargs``), with
+       its data experts, and, for ``"single_expert"``, with one expert (``n_experts=1``: BLEEP heads on frozen
+       features; the same model when ``fit_kwargs`` already asks for one expert). Nothing is written into
+       ``cohort``.
     2. Every representation of every spot is computed: ``"base"`` (``obsm[features_key]``), ``"spade_soft"``,
        ``"spade_hard"``, ``"spade_uniform"`` (the SPADE image embedding with that routing), ``"single_expert"``,
        ``"random_projection"`` (the base features times a fixed Gaussian matrix to ``projection_dim``, a control);
-       any other name is read from ``obsm[name]`` (e.g. another encoder's features).
+       optionally ``"untrained_heads"`` (the image head of a single expert at its seeded initialisation, never
+       trained: what SPADE's architecture does without the expression, a control); any other name is read from
+       ``obsm[name]`` (e.g. another encoder's features).
     3. ``"expression"``: targets are the log1p-normalised expression (:func:`spade_sc.pp.gene_matrix`) of the
        ``n_genes`` genes of highest variance over the **training** slides' spots (:func:`top_variable_genes`;
        the same genes for all shots). Features are standardised, optionally projected by PCA to ``n_pca``
@@ -707,6 +712,12 @@ def evaluate(
 
     The drawn spots depend on ``seed``, the fold, the task, the shots and the draw only, so they are identical for
     every representation (paired comparisons). Same inputs and seed, same result.
+
+    What "few-shot" limits: the labels of the downstream readout only. SPADE itself is trained on the expression of
+    every spot of the training slides, as a SPADE pretrained on a large cohort would be before a task with few
+    labels; the scaler and the PCA see the features (never the labels) of every training spot, for every
+    representation alike. When the labels are themselves derived from expression (clusters), the label task is
+    not independent of what SPADE was trained on.
 
     Parameters
     ----------
@@ -812,12 +823,13 @@ def evaluate(
         )
         raise ValueError(msg)
     for rep in representations:
-        if rep in REPRESENTATIONS:
+        if rep in REPRESENTATIONS or rep in EXTRA_REPRESENTATIONS:
             continue
         missing = [sid for sid, (_, _, t) in spot_tables.items() if rep not in t.obsm]
         if missing:
             msg = (
-                f"Representation {rep!r} is neither one of {REPRESENTATIONS} nor an obsm key of every slide "
+                f"Representation {rep!r} is neither one of {REPRESENTATIONS + EXTRA_REPRESENTATIONS} nor an obsm key "
+                "of every slide "
                 f"(missing in {missing})."
             )
             raise ValueError(msg)
@@ -852,6 +864,17 @@ def evaluate(
         projection = (_fold_seed(seed, 7).standard_normal((dim, int(projection_dim))) / np.sqrt(projection_dim)).astype(
             np.float32
         )
+
+    untrained: dict[str, np.ndarray] = {}
+    if "untrained_heads" in representations:
+        import torch
+
+        from ..model import BatchedExperts
+
+        # the image head of a single expert exactly as SpadeModel initialises it (image heads are drawn first)
+        heads = BatchedExperts(1, dim, 1, seed=int(fit_kwargs["seed"])).eval()
+        with torch.no_grad():
+            untrained = {s: heads.image_embed_all(torch.as_tensor(x))[:, 0].numpy() for s, x in feats.items()}
 
     protocol: dict[str, Any] = {
         "features_key": features_key,
@@ -897,7 +920,9 @@ def evaluate(
             tk = table_key
             if need_spade:
                 models["spade"] = fit(copies, features_key=features_key, table_key=tk, **fit_kwargs)
-            if need_single:
+            if need_single and need_spade and fit_kwargs.get("n_experts") == 1:
+                models["single_expert"] = models["spade"]  # SPADE is a single expert already: same training
+            elif need_single:
                 kw = {**fit_kwargs, "n_experts": 1, "n_clusters_per_tissue": 1}
                 models["single_expert"] = fit(copies, features_key=features_key, table_key=tk, **kw)
             del copies
@@ -921,6 +946,8 @@ def evaluate(
                 reps[rep] = feats
             elif rep == "random_projection":
                 reps[rep] = {s: x @ projection for s, x in feats.items()}
+            elif rep == "untrained_heads":
+                reps[rep] = untrained
             elif rep in _SPADE_ROUTING:
                 m = models["single_expert" if rep == "single_expert" else "spade"]
                 reps[rep] = {s: m.get_image_embedding(x, _SPADE_ROUTING[rep])[0] for s, x in feats.items()}
