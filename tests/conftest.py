@@ -65,59 +65,50 @@ def copy_slide():
     return _copy_slide
 
 
-@pytest.fixture(scope="session")
-def her2st_features(her2st):
-    """Default-encoder (EfficientNet-Lite0) features of every her2st section, computed once."""
-    import spade_sc as sp
-    from spade_sc.encoders import get_encoder
-
-    encoder = get_encoder("efficientnet_lite0", device="cpu")
-    feats = {
-        sid: sp.pp.image_features(sdata, encoder=encoder, inplace=False, progress=False)
-        for sid, sdata in her2st.items()
-    }
-    return feats, {"encoder": encoder.spec, "mpp": 0.5, "patch_size": 224}
-
-
-@pytest.fixture
-def her2st_with_features(her2st, her2st_features):
-    """Copies of the her2st sections with obsm["X_efficientnet_lite0"] set."""
-    out = {}
-    for sid, sdata in her2st.items():
-        s = _copy_slide(sdata)
-        feats, params = her2st_features
-        s.tables["table"].obsm["X_efficientnet_lite0"] = feats[sid]
-        s.tables["table"].uns["X_efficientnet_lite0"] = dict(params)
-        out[sid] = s
-    return out
-
-
-@pytest.fixture(scope="session")
-def _synthetic_features_cache(synthetic_cohort):
-    """Default-encoder features of the small synthetic cohort, computed once."""
+def _default_features(cohort):
+    """(features per slide, uns record) of the default encoder (EfficientNet-Lite0), written nowhere."""
     import spade_sc as sp
     from spade_sc.encoders import get_encoder
 
     encoder = get_encoder("efficientnet_lite0", device="cpu")
     feats = {
         name: sp.pp.image_features(sdata, encoder=encoder, inplace=False, progress=False)
-        for name, sdata in synthetic_cohort.items()
+        for name, sdata in cohort.items()
     }
     return feats, {"encoder": encoder.spec, "mpp": 0.5, "patch_size": 224}
+
+
+def _with_features(cohort, cached):
+    """Copies of the slides of ``cohort`` with obsm/uns["X_efficientnet_lite0"] set from ``cached``."""
+    feats, params = cached
+    out = {}
+    for name, sdata in cohort.items():
+        s = _copy_slide(sdata)
+        s.tables["table"].obsm["X_efficientnet_lite0"] = feats[name]
+        s.tables["table"].uns["X_efficientnet_lite0"] = dict(params)
+        out[name] = s
+    return out
+
+
+@pytest.fixture(scope="session")
+def her2st_features(her2st):
+    """Default-encoder features of every her2st section, computed once."""
+    return _default_features(her2st)
+
+
+@pytest.fixture
+def her2st_with_features(her2st, her2st_features):
+    """Copies of the her2st sections with obsm["X_efficientnet_lite0"] set."""
+    return _with_features(her2st, her2st_features)
+
+
+@pytest.fixture(scope="session")
+def _synthetic_features_cache(synthetic_cohort):
+    """Default-encoder features of the small synthetic cohort, computed once."""
+    return _default_features(synthetic_cohort)
 
 
 @pytest.fixture
 def synthetic_features(synthetic_cohort, _synthetic_features_cache):
     """Function returning fresh copies of the synthetic cohort with obsm["X_efficientnet_lite0"] set."""
-
-    def make():
-        feats, params = _synthetic_features_cache
-        out = {}
-        for name, sdata in synthetic_cohort.items():
-            s = _copy_slide(sdata)
-            s.tables["table"].obsm["X_efficientnet_lite0"] = feats[name]
-            s.tables["table"].uns["X_efficientnet_lite0"] = dict(params)
-            out[name] = s
-        return out
-
-    return make
+    return lambda: _with_features(synthetic_cohort, _synthetic_features_cache)
