@@ -225,22 +225,23 @@ def slide_embeddings(
 
     Returns
     -------
-    The cohort-level AnnData, one row per slide (index: slide id), with
+    anndata.AnnData
+        The cohort-level AnnData, one row per slide (index: slide id), with
 
-    - ``obsm[features_key]``: the mean tile embedding (n_slides x d, float32);
-    - ``obs["n_tiles"]``, ``obs["image_key"]``, ``obs["tiles_key"]``; the scalar entries of
-      ``sdata.attrs["spade_sc"]["slide"]`` (e.g. ``organ``, ``tumour_fraction``, ``label`` of the synthetic cohort)
-      and the columns of ``labels`` (which win on a name clash);
-    - ``uns[key_added]``: the parameters (``features_key``, ``pooling``, model fingerprint or encoder spec).
+        - ``obsm[features_key]``: the mean tile embedding (n_slides x d, float32);
+        - ``obs["n_tiles"]``, ``obs["image_key"]``, ``obs["tiles_key"]``; the scalar entries of
+          ``sdata.attrs["spade_sc"]["slide"]`` (e.g. ``organ``, ``tumour_fraction``, ``label`` of the synthetic cohort)
+          and the columns of ``labels`` (which win on a name clash);
+        - ``uns[key_added]``: the parameters (``features_key``, ``pooling``, model fingerprint or encoder spec).
 
-    Writes into every slide:
+        Writes into every slide:
 
-    - ``tables[key_added]``: a non-annotating table holding the slide's own row (same columns as above);
-    - when tiles were missing, ``shapes["<image>_tiles"]`` and ``tables["<image>_tiles_table"]``
-      (see :func:`spade_sc.pp.tile_tissue`);
-    - when tile embeddings were missing, ``tables["<image>_tiles_table"].obsm[features_key]`` and what
-      :func:`spade_sc.tl.embed` (``obs["spade_expert"]``, ``obsm["spade_routing"]``, ``uns["spade"]``, ...) or
-      :func:`spade_sc.pp.image_features` (``uns[features_key]``) write.
+        - ``tables[key_added]``: a non-annotating table holding the slide's own row (same columns as above);
+        - when tiles were missing, ``shapes["<image>_tiles"]`` and ``tables["<image>_tiles_table"]``
+          (see :func:`spade_sc.pp.tile_tissue`);
+        - when tile embeddings were missing, ``tables["<image>_tiles_table"].obsm[features_key]`` and what
+          :func:`spade_sc.tl.embed` (``obs["spade_expert"]``, ``obsm["spade_routing"]``, ``uns["spade"]``, ...) or
+          :func:`spade_sc.pp.image_features` (``uns[features_key]``) write.
     """
     from anndata import AnnData
     from tqdm.auto import tqdm
