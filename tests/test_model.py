@@ -664,6 +664,40 @@ def test_sampler_multi_expert_steps_deterministic_and_all_experts():
             ExpertBatchSampler(big, batch_size=4, experts_per_step=bad)
 
 
+@pytest.mark.parametrize("per_step", [1, None])
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_sampler_shards_steps_by_rank(per_step, world):
+    labels = _labels()
+    whole = ExpertBatchSampler(labels, batch_size=4, seed=5, experts_per_step=per_step)
+    for epoch in (0, 1):
+        whole.set_epoch(epoch)
+        steps = list(whole)
+        shards, exact = [], []
+        for rank in range(world):
+            padded = ExpertBatchSampler(
+                labels, batch_size=4, seed=5, experts_per_step=per_step, num_replicas=world, rank=rank
+            )
+            split = ExpertBatchSampler(
+                labels, batch_size=4, seed=5, experts_per_step=per_step, num_replicas=world, rank=rank, even=False
+            )
+            padded.set_epoch(epoch)
+            split.set_epoch(epoch)
+            shards.append(list(padded))
+            exact.append(list(split))
+            assert len(padded) == len(shards[-1]) == -(-len(steps) // world)  # same number of steps everywhere
+            assert len(split) == len(exact[-1])
+        # even=False: the replicas split the epoch exactly (rank r takes steps r, r + world, ...)
+        assert sorted(map(tuple, (b for shard in exact for b in shard))) == sorted(map(tuple, steps))
+        assert all(shard == steps[r::world] for r, shard in enumerate(exact))
+        # even=True: every step, then the epoch's first steps again (cycling) to fill the last round
+        pad = (-len(steps)) % world
+        seen = Counter(tuple(b) for shard in shards for b in shard)
+        assert seen == Counter(tuple(steps[i % len(steps)]) for i in range(len(steps) + pad))
+    for bad in ({"num_replicas": 0}, {"num_replicas": 2, "rank": 2}, {"rank": -1}, {"num_replicas": True}):
+        with pytest.raises(ValueError, match=r"`num_replicas`|`rank`"):
+            ExpertBatchSampler(labels, batch_size=4, **bad)
+
+
 # --------------------------------------------------------------------------- lightning
 
 
@@ -744,7 +778,7 @@ def test_lightning_same_seed_same_weights_and_infonce():
     assert set(sa) == set(sb)
     assert any(k.startswith("experts.image_heads.") for k in sa)
     for name in sa:
-        assert torch.equal(sa[name], sb[name]), name
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, equal_nan=True, msg=name)
     assert a.history == b.history
 
 
@@ -765,7 +799,7 @@ def test_lightning_all_experts_per_step_trains_and_is_deterministic():
     assert a.history == b.history
     sa, sb = a.state_dict(), b.state_dict()
     for name in sa:
-        assert torch.equal(sa[name], sb[name]), name
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, equal_nan=True, msg=name)
     # the validation loss (row-weighted) does not depend on how single-expert batches are grouped into steps
     image, gene, expert = _synthetic(n_experts=3)
     val = slice(320, None)

@@ -5,7 +5,7 @@ This subpackage works on plain tensors only (no AnnData / SpatialData).
 
 from ._experts import BatchedExperts, BatchedProjectionHead, ExpertHeads
 from ._heads import ProjectionHead
-from ._lightning import PairsDataset, SpadeLightningModule, make_dataloader
+from ._lightning import PairsDataModule, PairsDataset, SpadeLightningModule, make_dataloader
 from ._losses import InfoNCELoss, SoftCLIPLoss, make_loss, soft_clip_loss
 from ._mil import GatedABMIL, discrete_time_nll, risk_from_hazards
 from ._routing import ROUTING_MODES, mixture_embed, route
@@ -19,6 +19,7 @@ __all__ = [
     "ExpertHeads",
     "GatedABMIL",
     "InfoNCELoss",
+    "PairsDataModule",
     "PairsDataset",
     "ProjectionHead",
     "SoftCLIPLoss",

@@ -18,7 +18,7 @@ from ._sampler import ExpertBatchSampler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PairsDataset", "SpadeLightningModule", "make_dataloader"]
+__all__ = ["PairsDataModule", "PairsDataset", "SpadeLightningModule", "make_dataloader"]
 
 _BATCH_KEYS = ("image", "gene", "expert")
 
@@ -85,6 +85,8 @@ def make_dataloader(
     *,
     drop_last: bool = False,
     experts_per_step: int | None = 1,
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> DataLoader:
     """Build a single-process :class:`~torch.utils.data.DataLoader` with an :class:`ExpertBatchSampler`.
 
@@ -105,6 +107,10 @@ def make_dataloader(
     experts_per_step
         Passed to :class:`ExpertBatchSampler`: number of single-expert batches (distinct experts) per step;
         ``None``: all experts.
+    num_replicas
+        Number of processes sharing each epoch (DDP world size); passed to :class:`ExpertBatchSampler`.
+    rank
+        Rank of this process; passed to :class:`ExpertBatchSampler`.
 
     Returns
     -------
@@ -126,8 +132,59 @@ def make_dataloader(
         seed=seed,
         drop_last=drop_last,
         experts_per_step=experts_per_step,
+        num_replicas=num_replicas,
+        rank=rank,
     )
     return DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+
+
+class PairsDataModule(L.LightningDataModule):
+    """Training and validation loaders of :class:`PairsDataset` s, sharded by rank under DDP.
+
+    The loaders are built when Lightning asks for them, after the processes are set up, so the training sampler
+    knows the world size and the rank (``Trainer(use_distributed_sampler=False)`` must be set: the
+    :class:`ExpertBatchSampler` does the sharding itself). Every process runs the same number of training steps
+    (the steps of an epoch are padded to a multiple of the world size) and evaluates the **whole** validation set,
+    so the validation loss, the best epoch and early stopping are identical on every process without communication.
+
+    Parameters
+    ----------
+    train
+        Training pairs.
+    val
+        Validation pairs, or None.
+    batch_size
+        Rows per single-expert batch.
+    seed
+        Seed of the samplers.
+    experts_per_step
+        Single-expert batches (distinct experts) per step; None: all experts.
+    """
+
+    def __init__(
+        self,
+        train: PairsDataset,
+        val: PairsDataset | None = None,
+        *,
+        batch_size: int = 512,
+        seed: int = 0,
+        experts_per_step: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.train, self.val = train, val
+        self.kwargs = {"batch_size": batch_size, "seed": seed, "experts_per_step": experts_per_step}
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training loader; this process's share of every epoch's steps."""
+        trainer = self.trainer
+        world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+        return make_dataloader(self.train, shuffle=True, num_replicas=world, rank=rank, **self.kwargs)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation loader in a fixed order (every process evaluates all validation pairs)."""
+        if self.val is None:
+            return []
+        return make_dataloader(self.val, shuffle=False, **self.kwargs)
 
 
 def _unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,11 +227,26 @@ class SpadeLightningModule(L.LightningModule):
     init_temperature
         Initial temperature of ``"infonce"``.
 
+    restore_best
+        At the end of fitting, put back the weights (experts and loss parameters) of the epoch with the lowest
+        validation loss; without validation the last epoch's weights stay.
+
     Attributes
     ----------
     history : list of dict
-        One entry per training epoch: ``{"epoch", "train_loss", "val_loss"}`` (sample-weighted epoch means; ``None``
-        when not computed). The sanity-check validation pass is not recorded.
+        One entry per training epoch: ``{"epoch", "train_loss", "val_loss"}`` (sample-weighted epoch means over all
+        processes; ``None`` when not computed). The sanity-check validation pass is not recorded.
+    best_epoch : int or None
+        Epoch of the lowest validation loss (None without validation).
+    best_val_loss : float or None
+        That loss.
+
+    Notes
+    -----
+    The history and the best epoch live in the buffers ``loss_history`` and ``best_epoch_loss`` (float32, so the
+    module moves to any device), so they travel with the state dict: Lightning's spawning strategies
+    (``"ddp_spawn"``, ``"ddp_notebook"``) hand only the state dict of rank 0 back to the calling process, and the
+    best weights are restored in :meth:`on_fit_end`, inside the processes, for the same reason.
     """
 
     def __init__(
@@ -186,6 +258,7 @@ class SpadeLightningModule(L.LightningModule):
         max_epochs: int = 100,
         temperature: float = 1.0,
         init_temperature: float = 0.07,
+        restore_best: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(experts, BatchedExperts):
@@ -203,8 +276,33 @@ class SpadeLightningModule(L.LightningModule):
         self.save_hyperparameters(ignore=["experts"])
         self.experts = experts
         self.loss_fn = make_loss(loss, temperature=temperature, init_temperature=init_temperature)
-        self.history: list[dict[str, Any]] = []
+        self.register_buffer("loss_history", torch.full((max_epochs, 2), float("nan")))
+        self.register_buffer("best_epoch_loss", torch.full((2,), float("nan")))
+        self._best_state: dict[str, torch.Tensor] | None = None
         self._sums: dict[str, list[float]] = {"train": [0.0, 0.0], "val": [0.0, 0.0]}
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per epoch run: ``{"epoch", "train_loss", "val_loss"}`` (None where not computed)."""
+        rows = self.loss_history.detach().cpu().double().tolist()
+        ran = [i for i, row in enumerate(rows) if not all(np.isnan(row))]
+        out = []
+        for epoch in range(ran[-1] + 1 if ran else 0):
+            train, val = (None if np.isnan(v) else v for v in rows[epoch])
+            out.append({"epoch": epoch, "train_loss": train, "val_loss": val})
+        return out
+
+    @property
+    def best_epoch(self) -> int | None:
+        """Epoch of the lowest validation loss (None without validation)."""
+        epoch = float(self.best_epoch_loss[0])
+        return None if np.isnan(epoch) else int(epoch)
+
+    @property
+    def best_val_loss(self) -> float | None:
+        """Lowest validation loss (None without validation)."""
+        loss = float(self.best_epoch_loss[1])
+        return None if np.isnan(loss) else loss
 
     def forward(
         self, image: torch.Tensor, gene: torch.Tensor, expert_idx: torch.Tensor
@@ -232,7 +330,7 @@ class SpadeLightningModule(L.LightningModule):
         image_emb, gene_emb = self(image, gene, expert_idx)
         loss = self.loss_fn(image_emb, gene_emb, expert_idx)
         n = image.shape[0]
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         sums = self._sums[stage]
         sums[0] += float(loss.detach()) * n
         sums[1] += n
@@ -280,26 +378,53 @@ class SpadeLightningModule(L.LightningModule):
         """Reset the running validation loss."""
         self._sums["val"] = [0.0, 0.0]
 
-    def _record(self, key: str, value: float | None) -> None:
-        epoch = int(self.current_epoch)
-        if not self.history or self.history[-1]["epoch"] != epoch:
-            self.history.append({"epoch": epoch, "train_loss": None, "val_loss": None})
-        self.history[-1][key] = value
-
-    def _epoch_mean(self, stage: str) -> float | None:
+    def _epoch_mean(self, stage: str) -> float:
+        """Row-weighted mean loss of the epoch; training sums are added over processes (validation is not sharded)."""
         total, n = self._sums[stage]
-        return total / n if n else None
+        trainer = self.trainer
+        if stage == "train" and trainer.world_size > 1:
+            sums = trainer.strategy.reduce(torch.tensor([total, n], device=self.device), reduce_op="sum")
+            total, n = (float(v) for v in sums.cpu())
+        return total / n if n else float("nan")
+
+    def _record(self, column: int, value: float) -> None:
+        epoch = int(self.current_epoch)
+        if epoch >= self.loss_history.shape[0]:  # the Trainer runs more epochs than the schedule's max_epochs
+            grown = torch.full((epoch + 1, 2), float("nan"), device=self.loss_history.device)
+            grown[: self.loss_history.shape[0]] = self.loss_history
+            self.loss_history = grown
+        self.loss_history[epoch, column] = value
 
     def on_train_epoch_end(self) -> None:
-        """Append the epoch's mean training loss to :attr:`history`."""
-        self._record("train_loss", self._epoch_mean("train"))
+        """Record the epoch's mean training loss in :attr:`history`."""
+        self._record(0, self._epoch_mean("train"))
 
     def on_validation_epoch_end(self) -> None:
-        """Record the epoch's mean validation loss in :attr:`history` (skipped for the sanity check)."""
+        """Record the epoch's mean validation loss in :attr:`history`; remember the best weights.
+
+        The sanity-check pass and validation outside of fitting are not recorded.
+        """
         trainer = self.trainer
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        self._record("val_loss", self._epoch_mean("val"))
+        loss = self._epoch_mean("val")
+        self._record(1, loss)
+        best = self.best_val_loss
+        if self.hparams.restore_best and not np.isnan(loss) and (best is None or loss < best):
+            self.best_epoch_loss.copy_(torch.tensor([self.current_epoch, loss]))
+            self._best_state = {
+                name: {k: v.detach().cpu().clone() for k, v in getattr(self, name).state_dict().items()}
+                for name in ("experts", "loss_fn")
+            }
+
+    def on_fit_end(self) -> None:
+        """Restore the weights of the best validation epoch (when there was validation and ``restore_best``)."""
+        if self._best_state is None:
+            return
+        for name, state in self._best_state.items():
+            getattr(self, name).load_state_dict(state, strict=True)
+        self._best_state = None
+        logger.info("Restored the weights of epoch %s (val_loss %.4f).", self.best_epoch, self.best_val_loss)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with cosine annealing over ``max_epochs`` (stepped per epoch).

@@ -44,6 +44,13 @@ class ExpertBatchSampler(Sampler[list[int]]):
     The permutations of epoch ``e`` are drawn from ``torch.Generator().manual_seed(seed + e)``; call
     :meth:`set_epoch` before each epoch (Lightning does it automatically through the :attr:`sampler` attribute).
 
+    Distributed training (``num_replicas > 1``): every replica draws the same steps (same seed and epoch) and
+    replica ``rank`` takes every ``num_replicas``-th of them, starting at ``rank``. With ``even=True`` (for training
+    under DDP, where every process must run the same number of optimiser steps) the list of steps is first padded
+    to a multiple of ``num_replicas`` by repeating its first steps, as :class:`~torch.utils.data.DistributedSampler`
+    does, so each replica gets ``ceil(n_steps / num_replicas)`` steps and at most ``num_replicas - 1`` steps are
+    seen twice per epoch; with ``even=False`` the replicas split the steps exactly (their counts may differ by one).
+
     Parameters
     ----------
     expert_labels
@@ -61,6 +68,12 @@ class ExpertBatchSampler(Sampler[list[int]]):
     experts_per_step
         Maximum number of (distinct) experts per yielded step; ``1`` gives single-expert batches, ``None`` all
         experts in every step (as long as they have batches left).
+    num_replicas
+        Number of processes sharing the epoch (the DDP world size).
+    rank
+        Rank of this process in ``[0, num_replicas)``.
+    even
+        Pad the steps so that every replica gets the same number (see above).
 
     Attributes
     ----------
@@ -71,6 +84,10 @@ class ExpertBatchSampler(Sampler[list[int]]):
     epoch : int
         Current epoch.
     experts_per_step : int or None
+        As given.
+    n_steps : int
+        Steps per epoch over all replicas (before padding); ``len(sampler)`` is this replica's share.
+    num_replicas, rank : int
         As given.
     """
 
@@ -83,6 +100,9 @@ class ExpertBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         drop_last: bool = False,
         experts_per_step: int | None = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
+        even: bool = True,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 2:
             msg = f"`batch_size` must be an integer >= 2 (contrastive batches need pairs), got {batch_size!r}."
@@ -93,6 +113,12 @@ class ExpertBatchSampler(Sampler[list[int]]):
             or experts_per_step < 1
         ):
             msg = f"`experts_per_step` must be None or an integer >= 1, got {experts_per_step!r}."
+            raise ValueError(msg)
+        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int | np.integer) or num_replicas < 1:
+            msg = f"`num_replicas` must be an integer >= 1, got {num_replicas!r}."
+            raise ValueError(msg)
+        if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or not 0 <= rank < num_replicas:
+            msg = f"`rank` must be an integer in [0, {num_replicas}), got {rank!r}."
             raise ValueError(msg)
         if isinstance(expert_labels, torch.Tensor):
             expert_labels = expert_labels.detach().cpu().numpy()
@@ -108,6 +134,9 @@ class ExpertBatchSampler(Sampler[list[int]]):
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.experts_per_step = None if experts_per_step is None else int(experts_per_step)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.even = bool(even)
         self.epoch = 0
         self.n_rows = int(labels.size)
         experts, inverse = np.unique(labels, return_inverse=True)
@@ -126,9 +155,9 @@ class ExpertBatchSampler(Sampler[list[int]]):
         self._sizes = [self._split_sizes(g.size) for g in self._groups]
         n_batches = [len(s) for s in self._sizes]
         if self._per_step == 1:
-            self._length = sum(n_batches)
+            self.n_steps = sum(n_batches)
         else:
-            self._length = len(self._schedule(n_batches, list(range(len(n_batches)))))
+            self.n_steps = len(self._schedule(n_batches, list(range(len(n_batches)))))
 
     @property
     def _per_step(self) -> int:
@@ -197,7 +226,9 @@ class ExpertBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self._length
+        if self.even:
+            return -(-self.n_steps // self.num_replicas)
+        return len(range(self.rank, self.n_steps, self.num_replicas))
 
     def iter_steps(self) -> Iterator[list[list[int]]]:
         """Yield the steps of the current epoch, each split into its single-expert batches.
@@ -221,21 +252,19 @@ class ExpertBatchSampler(Sampler[list[int]]):
             per_expert.append(batches)
         if self._per_step == 1:
             # exactly the single-expert behaviour: all batches of all experts, shuffled together
-            flat = [b for batches in per_expert for b in batches]
+            steps = [[b] for batches in per_expert for b in batches]
+        else:
+            n_groups = len(per_expert)
+            rank = list(range(n_groups))
             if self.shuffle:
-                flat = [flat[i] for i in torch.randperm(len(flat), generator=generator).tolist()]
-            for b in flat:
-                yield [b]
-            return
-        n_groups = len(per_expert)
-        rank = list(range(n_groups))
-        if self.shuffle:
-            rank = torch.argsort(torch.randperm(n_groups, generator=generator)).tolist()
-        steps = self._schedule([len(b) for b in per_expert], rank)
+                rank = torch.argsort(torch.randperm(n_groups, generator=generator)).tolist()
+            schedule = self._schedule([len(b) for b in per_expert], rank)
+            steps = [[per_expert[g][j] for g, j in step] for step in schedule]
         if self.shuffle:
             steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
-        for step in steps:
-            yield [per_expert[g][j] for g, j in step]
+        if self.even and steps and len(steps) % self.num_replicas:
+            steps += [steps[i % len(steps)] for i in range(self.num_replicas - len(steps) % self.num_replicas)]
+        yield from steps[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in self.iter_steps():

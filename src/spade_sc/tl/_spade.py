@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -213,6 +212,9 @@ class SpadeModel:
             Stop when the validation loss has not improved for this many epochs (None: never).
         trainer_kwargs
             Passed to :class:`lightning.Trainer` (``accelerator``, ``devices``, ``strategy``, ``precision``, ...).
+            Under DDP (``devices=N``, ``strategy="ddp"``, ``"ddp_spawn"`` or ``"ddp_notebook"`` in Jupyter) every
+            process runs an equal share of each epoch's steps, sharded by :class:`~spade_sc.model.ExpertBatchSampler`,
+            and evaluates the whole validation set; the weights of the best epoch come back to this process.
         progress
             Show Lightning's progress bar.
         experts_per_step
@@ -226,7 +228,7 @@ class SpadeModel:
         import lightning as L
         import torch
 
-        from ..model import ExpertBatchSampler, PairsDataset, SpadeLightningModule
+        from ..model import PairsDataModule, PairsDataset, SpadeLightningModule
 
         validation = list(validation or [])
         unknown = [g for g in validation if g not in pairs]
@@ -250,12 +252,6 @@ class SpadeModel:
         seed = self.init_params_["seed"]
         L.seed_everything(seed, workers=True, verbose=False)
 
-        def loader(ds: PairsDataset, shuffle: bool) -> torch.utils.data.DataLoader:
-            sampler = ExpertBatchSampler(
-                ds.expert_idx, batch_size, shuffle=shuffle, seed=seed, experts_per_step=experts_per_step
-            )
-            return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=0)
-
         lit = SpadeLightningModule(
             self.module,
             loss=self.init_params_["loss"],
@@ -265,8 +261,6 @@ class SpadeModel:
         )
         lit.loss_fn = self.loss_module
         callbacks: list[Any] = []
-        best = _BestWeights(monitor="val_loss" if val_ds is not None else None)
-        callbacks.append(best)
         if early_stopping_patience is not None and val_ds is not None:
             callbacks.append(L.pytorch.callbacks.EarlyStopping("val_loss", patience=int(early_stopping_patience)))
         kwargs = {
@@ -292,24 +286,22 @@ class SpadeModel:
         deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
         try:
             trainer = L.Trainer(**kwargs)
-            trainer.fit(
-                lit,
-                train_dataloaders=loader(train_ds, True),
-                val_dataloaders=None if val_ds is None else loader(val_ds, False),
+            data = PairsDataModule(
+                train_ds, val_ds, batch_size=batch_size, seed=seed, experts_per_step=experts_per_step
             )
+            trainer.fit(lit, datamodule=data)
         finally:
             chatty.setLevel(level)
             torch.use_deterministic_algorithms(deterministic)
             torch.set_num_threads(threads)
-        best.restore(lit)
         self.module = lit.experts.cpu().eval()
         self.loss_module = lit.loss_fn.cpu()
         self.history_ = [dict(h) for h in lit.history]
         self.train_params_ = {
             "max_epochs": int(max_epochs),
             "epochs_run": len(self.history_),
-            "best_epoch": best.best_epoch,
-            "best_val_loss": best.best_score,
+            "best_epoch": lit.best_epoch,
+            "best_val_loss": lit.best_val_loss,
             "batch_size": int(batch_size),
             "experts_per_step": None if experts_per_step is None else int(experts_per_step),
             "lr": float(lr),
@@ -501,39 +493,6 @@ class SpadeModel:
             msg = f"The weights in {path} do not match the fingerprint recorded in its config."
             raise ValueError(msg)
         return model
-
-
-class _BestWeights:
-    """Lightning callback keeping the weights of the epoch with the lowest validation loss, in memory."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        import lightning as L
-
-        class BestWeights(L.Callback):
-            def __init__(self, monitor: str | None) -> None:
-                self.monitor = monitor
-                self.best_score: float | None = None
-                self.best_epoch: int | None = None
-                self.state: dict[str, Any] | None = None
-
-            def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-                if trainer.sanity_checking or self.monitor is None:
-                    return
-                score = trainer.callback_metrics.get(self.monitor)
-                if score is None:
-                    return
-                score = float(score)
-                if self.best_score is None or score < self.best_score:
-                    self.best_score = score
-                    self.best_epoch = int(trainer.current_epoch)
-                    self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.state_dict().items()})
-
-            def restore(self, pl_module: Any) -> None:
-                if self.state is not None:
-                    pl_module.load_state_dict(self.state, strict=True)
-                    logger.info("Restored the weights of epoch %s (val_loss %.4f).", self.best_epoch, self.best_score)
-
-        return BestWeights(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------- helpers for fit / embed
