@@ -28,6 +28,7 @@ waiting for each other, which penalises the many small operations of K sequentia
     python benchmarks/training.py                     # K=16 x 2048 pairs, 1280-d features, 200 genes, batch 512
     python benchmarks/training.py --epochs 3 --threads 2 --repeats 3
     python benchmarks/training.py --quick             # K=16 x 512 pairs, batch 128
+    python benchmarks/training.py --device cuda       # on a GPU (times are taken after torch.cuda.synchronize)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-single", action="store_true", help="skip the batched 1-expert-per-step loop")
     p.add_argument("--no-lightning", action="store_true", help="skip SpadeModel.train")
     p.add_argument("--quick", action="store_true", help="512 pairs per expert, batch 128")
+    p.add_argument("--device", default="cpu", help="torch device of the plain loops (cpu, cuda, cuda:1, ...)")
     return p.parse_args()
 
 
@@ -65,13 +67,23 @@ def make_data(args: argparse.Namespace):
     z = torch.randn(n, 16, generator=gen)
     image = z @ torch.randn(16, args.image_dim, generator=gen) + torch.randn(n, args.image_dim, generator=gen)
     gene = torch.relu(z @ torch.randn(16, args.gene_dim, generator=gen) + torch.randn(n, args.gene_dim, generator=gen))
-    return image.contiguous(), gene.contiguous(), expert
+    return image.contiguous().to(args.device), gene.contiguous().to(args.device), expert.to(args.device)
+
+
+def sync(args) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    import torch
+
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize(args.device)
+    return time.perf_counter()
 
 
 def new_batched(args):
     from spade_sc.model import BatchedExperts
 
-    return BatchedExperts(args.experts, args.image_dim, args.gene_dim, args.proj_dim, seed=args.seed).train()
+    model = BatchedExperts(args.experts, args.image_dim, args.gene_dim, args.proj_dim, seed=args.seed)
+    return model.to(args.device).train()
 
 
 def run_batched(args, image, gene, expert, experts_per_step):
@@ -81,7 +93,7 @@ def run_batched(args, image, gene, expert, experts_per_step):
     from spade_sc.model import ExpertBatchSampler, SoftCLIPLoss
 
     loss_fn = SoftCLIPLoss()
-    sampler = ExpertBatchSampler(expert, args.batch_size, seed=args.seed, experts_per_step=experts_per_step)
+    sampler = ExpertBatchSampler(expert.cpu(), args.batch_size, seed=args.seed, experts_per_step=experts_per_step)
 
     def step(model, opt, idx):
         x, y, e = image[idx], gene[idx], expert[idx]
@@ -93,21 +105,21 @@ def run_batched(args, image, gene, expert, experts_per_step):
         return float(loss.detach()), len(idx)
 
     warm = new_batched(args)  # warm-up on a throwaway copy, not timed
-    step(warm, torch.optim.AdamW(warm.parameters(), lr=1e-4), torch.as_tensor(next(iter(sampler))))
+    step(warm, torch.optim.AdamW(warm.parameters(), lr=1e-4), torch.as_tensor(next(iter(sampler)), device=args.device))
     torch.manual_seed(args.seed)
     model = new_batched(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2)
     seen, last = 0, 0.0
-    t0 = time.perf_counter()
+    t0 = sync(args)
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         total = rows = 0
         for batch in sampler:
-            loss, n = step(model, opt, torch.as_tensor(batch))
+            loss, n = step(model, opt, torch.as_tensor(batch, device=args.device))
             total, rows = total + loss * n, rows + n
         seen += rows
         last = total / rows
-    return time.perf_counter() - t0, seen, last, len(sampler)
+    return sync(args) - t0, seen, last, len(sampler)
 
 
 def run_sequential(args, image, gene, expert):
@@ -120,13 +132,13 @@ def run_sequential(args, image, gene, expert):
 
     from spade_sc.model import ExpertBatchSampler, soft_clip_loss
 
-    sampler = ExpertBatchSampler(expert, args.batch_size, seed=args.seed, experts_per_step=None)
+    sampler = ExpertBatchSampler(expert.cpu(), args.batch_size, seed=args.seed, experts_per_step=None)
     schedule = {k: [[] for _ in range(args.epochs)] for k in range(args.experts)}  # expert -> epoch -> batches
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         for step_batches in sampler.iter_steps():
             for b in step_batches:
-                schedule[int(expert[b[0]])][epoch].append(torch.as_tensor(b))
+                schedule[int(expert[b[0]])][epoch].append(torch.as_tensor(b, device=args.device))
     batched = new_batched(args)
 
     def step(heads, opt, idx):
@@ -145,7 +157,7 @@ def run_sequential(args, image, gene, expert):
         heads = torch.nn.ModuleList(batched.head(k)).train()
         experts.append((heads, torch.optim.AdamW(heads.parameters(), lr=1e-4, weight_decay=1e-2), schedule[k]))
     seen, last_total, last_rows = 0, 0.0, 0
-    t0 = time.perf_counter()
+    t0 = sync(args)
     for heads, opt, epochs in experts:
         for epoch, batches in enumerate(epochs):
             for idx in batches:
@@ -154,7 +166,7 @@ def run_sequential(args, image, gene, expert):
                 if epoch == args.epochs - 1:
                     last_total, last_rows = last_total + loss * n, last_rows + n
     n_steps = sum(len(epochs[0]) for *_, epochs in experts)
-    return time.perf_counter() - t0, seen, last_total / last_rows, n_steps
+    return sync(args) - t0, seen, last_total / last_rows, n_steps
 
 
 def run_lightning(args, image, gene, expert):
@@ -183,7 +195,7 @@ def run_lightning(args, image, gene, expert):
         proj_dim=args.proj_dim,
         seed=args.seed,
     )
-    pairs = {"all": (image.numpy(), gene.numpy(), expert.numpy())}
+    pairs = {"all": (image.cpu().numpy(), gene.cpu().numpy(), expert.cpu().numpy())}
     t0 = time.perf_counter()
     model.train(
         pairs,
@@ -191,7 +203,7 @@ def run_lightning(args, image, gene, expert):
         batch_size=args.batch_size,
         progress=False,
         experts_per_step=None,
-        trainer_kwargs={"accelerator": "cpu"},
+        trainer_kwargs={"accelerator": "gpu" if args.device.startswith("cuda") else "cpu"},
     )
     seconds = time.perf_counter() - t0
     torch.use_deterministic_algorithms(False)  # SpadeModel.train runs Lightning with deterministic=True (global)
@@ -212,7 +224,7 @@ def main() -> None:
     print(
         f"P3 training throughput: K={args.experts} experts x {args.pairs} pairs, {args.image_dim}-d image features, "
         f"{args.gene_dim} genes, proj {args.proj_dim}, batch {args.batch_size} per expert, {args.epochs} epoch(s), "
-        f"soft_clip + AdamW, torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU"
+        f"soft_clip + AdamW, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.device}"
     )
     results = {}
     runs = [

@@ -116,8 +116,9 @@ def test_batched_experts_state_dict_names_and_shapes():
     assert ex.get_config() == {"n_experts": K, "image_dim": DI, "gene_dim": DG, "proj_dim": P, "dropout": 0.1}
 
 
+@pytest.mark.parametrize("layout", ["random", "grouped", "subset", "subset_grouped"])
 @pytest.mark.parametrize("mode", ["eval", "train_no_dropout"])
-def test_batched_experts_match_separate_heads(mode):
+def test_batched_experts_match_separate_heads(mode, layout):
     dropout = 0.1 if mode == "eval" else 0.0
     heads = _separate_heads(dropout=dropout)
     ex = BatchedExperts.from_heads(heads)
@@ -130,7 +131,16 @@ def test_batched_experts_match_separate_heads(mode):
         ex.train()
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(40, DI, generator=gen), torch.randn(40, DG, generator=gen)
-    idx = torch.randint(0, K, (40,), generator=gen)
+    # every layout the forward pass distinguishes: all experts or a subset (weights indexed), rows in any order
+    # (padded by a scatter) or expert by expert in equal numbers, as the sampler's steps (padded by a view)
+    idx = {
+        "random": torch.randint(0, K, (40,), generator=gen),
+        "grouped": torch.arange(K).repeat_interleave(40 // K),
+        "subset": torch.tensor([0, 2])[torch.randint(0, 2, (40,), generator=gen)],
+        "subset_grouped": torch.tensor([0, 0, 2, 2]).repeat_interleave(10),
+    }[layout]
+    x, y = x[: len(idx)], y[: len(idx)]
+    assert layout.startswith("subset") == (idx.unique().numel() < K)
     expected_img = torch.stack([heads[int(k)][0](x[i]) for i, k in enumerate(idx)])
     expected_gene = torch.stack([heads[int(k)][1](y[i]) for i, k in enumerate(idx)])
     torch.testing.assert_close(ex.image_embed(x, idx), expected_img, atol=1e-5, rtol=1e-5)
@@ -140,12 +150,12 @@ def test_batched_experts_match_separate_heads(mode):
     torch.testing.assert_close(gene_emb, expected_gene, atol=1e-5, rtol=1e-5)
     # all experts at once
     all_img, all_gene = ex.image_embed_all(x), ex.gene_embed_all(y)
-    assert all_img.shape == (40, K, P)
+    assert all_img.shape == (len(idx), K, P)
     for k in range(K):
         torch.testing.assert_close(all_img[:, k], heads[k][0](x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(all_gene[:, k], heads[k][1](y), atol=1e-5, rtol=1e-5)
     # single-expert batch (the training case)
-    one = torch.full((40,), 2, dtype=torch.long)
+    one = torch.full((len(idx),), 2, dtype=torch.long)
     torch.testing.assert_close(ex.image_embed(x, one), heads[2][0](x), atol=1e-5, rtol=1e-5)
 
 

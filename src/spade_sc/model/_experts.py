@@ -170,22 +170,24 @@ class BatchedProjectionHead(nn.Module):
         if n == 0:
             return x.new_zeros(0, self.proj_dim)
         experts, inverse, counts = torch.unique(expert_idx, return_inverse=True, return_counts=True)
-        w1 = self.projection_weight[experts]
-        b1 = self.projection_bias[experts]
-        params = (
-            self.fc_weight[experts],
-            self.fc_bias[experts],
-            self.layer_norm_weight[experts],
-            self.layer_norm_bias[experts],
-        )
+        names = ("projection_weight", "projection_bias", "fc_weight", "fc_bias", "layer_norm_weight", "layer_norm_bias")
+        if experts.numel() == self.n_experts:  # every expert present (the training step): no copy of the weights
+            w1, b1, *params = (getattr(self, name) for name in names)
+        else:
+            w1, b1, *params = (getattr(self, name)[experts] for name in names)
         if experts.numel() == 1:
             projected = torch.baddbmm(b1.unsqueeze(1), x.unsqueeze(0), w1)
             return self._tail(projected, *params).squeeze(0)
+        size = int(counts.max())
+        if experts.numel() * size == n and bool((inverse[1:] >= inverse[:-1]).all()):
+            # rows already come expert by expert, as many for each (the sampler's steps): the padded layout is a view
+            projected = torch.baddbmm(b1.unsqueeze(1), x.reshape(experts.numel(), size, self.in_dim), w1)
+            return self._tail(projected, *params).reshape(n, self.proj_dim)
         order = torch.argsort(inverse, stable=True)
         group = inverse[order]
         offsets = torch.cumsum(counts, 0) - counts
         position = torch.arange(n, device=x.device) - offsets[group]
-        padded = x.new_zeros(experts.numel(), int(counts.max()), self.in_dim)
+        padded = x.new_zeros(experts.numel(), size, self.in_dim)
         padded[group, position] = x[order]
         projected = torch.baddbmm(b1.unsqueeze(1), padded, w1)
         out_padded = self._tail(projected, *params)
