@@ -29,7 +29,7 @@ class RecordSteps(L.Callback):
         self.steps.append(batch[0][:, 0].round().long().tolist())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        sampler = trainer.train_dataloader.batch_sampler
+        sampler = trainer.train_dataloader.sampler
         self.epochs.append(
             {
                 "rank": trainer.global_rank,

@@ -763,7 +763,7 @@ def test_lightning_training_reduces_loss_and_records_history():
     assert "val_loss" in trainer.callback_metrics
     assert trainer.callback_metrics["train_loss"].item() == pytest.approx(hist[-1]["train_loss"], rel=1e-4)
     # Lightning advanced the sampler epoch (different permutation each epoch)
-    assert train_dl.batch_sampler.epoch == 5
+    assert train_dl.sampler.epoch == 5
     # optimiser / scheduler configuration
     opt = trainer.optimizers[0]
     assert isinstance(opt, torch.optim.AdamW)
@@ -796,7 +796,7 @@ def test_lightning_same_seed_same_weights_and_infonce():
 def test_lightning_all_experts_per_step_trains_and_is_deterministic():
     a, trainer, train_dl = _fit(seed=2, max_epochs=4, experts_per_step=None, n_experts=3)
     b, _, _ = _fit(seed=2, max_epochs=4, experts_per_step=None, n_experts=3)
-    sampler = train_dl.batch_sampler
+    sampler = train_dl.sampler
     assert sampler.experts_per_step is None
     labels = train_dl.dataset.expert_idx.numpy()
     per_expert = Counter(int(labels[bt[0]]) for bt in ExpertBatchSampler(labels, 32))  # single-expert batches

@@ -72,7 +72,10 @@ class PairsDataset(Dataset):
     def __len__(self) -> int:
         return self.image_feats.shape[0]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int | Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row ``i``, or the rows of a list of indices at once (a whole step, as :func:`make_dataloader` asks)."""
+        if not isinstance(i, int | np.integer):
+            i = torch.as_tensor(i, dtype=torch.long)
         return self.image_feats[i], self.gene_feats[i], self.expert_idx[i]
 
 
@@ -115,7 +118,8 @@ def make_dataloader(
     Returns
     -------
     torch.utils.data.DataLoader
-        Loader with ``batch_sampler=ExpertBatchSampler(...)`` and ``num_workers=0``.
+        Loader with ``sampler=ExpertBatchSampler(...)``, ``batch_size=None`` and ``num_workers=0``: each step's
+        rows are fetched from the dataset with one indexing call (``dataset[list_of_rows]``), not row by row.
     """
     if expert_labels is None:
         expert_labels = getattr(dataset, "expert_idx", None)
@@ -135,7 +139,7 @@ def make_dataloader(
         num_replicas=num_replicas,
         rank=rank,
     )
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
 
 
 class PairsDataModule(L.LightningDataModule):

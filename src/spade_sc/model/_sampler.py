@@ -212,7 +212,7 @@ class ExpertBatchSampler(Sampler[list[int]]):
 
     @property
     def sampler(self) -> ExpertBatchSampler:
-        """Return the sampler itself, so Lightning calls :meth:`set_epoch` via ``batch_sampler.sampler``."""
+        """Return the sampler itself, so Lightning finds :meth:`set_epoch` when this is a loader's ``batch_sampler``."""
         return self
 
     def set_epoch(self, epoch: int) -> None:
