@@ -15,6 +15,19 @@ logger = logging.getLogger(__name__)
 __all__ = ["ExpertBatchSampler"]
 
 
+def _check_int(value: Any, name: str, low: int, high: int | None = None, *, why: str = "") -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an integer in ``[low, high)`` (no upper bound: None)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | np.integer)
+        or value < low
+        or (high is not None and value >= high)
+    ):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high})"
+        msg = f"`{name}` must be an integer {bounds}{why}, got {value!r}."
+        raise ValueError(msg)
+
+
 class ExpertBatchSampler(Sampler[list[int]]):
     """Yield training steps made of single-expert batches of row indices (hard negatives).
 
@@ -104,22 +117,11 @@ class ExpertBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         even: bool = True,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 2:
-            msg = f"`batch_size` must be an integer >= 2 (contrastive batches need pairs), got {batch_size!r}."
-            raise ValueError(msg)
-        if experts_per_step is not None and (
-            isinstance(experts_per_step, bool)
-            or not isinstance(experts_per_step, int | np.integer)
-            or experts_per_step < 1
-        ):
-            msg = f"`experts_per_step` must be None or an integer >= 1, got {experts_per_step!r}."
-            raise ValueError(msg)
-        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int | np.integer) or num_replicas < 1:
-            msg = f"`num_replicas` must be an integer >= 1, got {num_replicas!r}."
-            raise ValueError(msg)
-        if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or not 0 <= rank < num_replicas:
-            msg = f"`rank` must be an integer in [0, {num_replicas}), got {rank!r}."
-            raise ValueError(msg)
+        _check_int(batch_size, "batch_size", 2, why=" (contrastive batches need pairs)")
+        if experts_per_step is not None:
+            _check_int(experts_per_step, "experts_per_step", 1, why=" or None")
+        _check_int(num_replicas, "num_replicas", 1)
+        _check_int(rank, "rank", 0, num_replicas)
         if isinstance(expert_labels, torch.Tensor):
             expert_labels = expert_labels.detach().cpu().numpy()
         labels = np.asarray(expert_labels)
