@@ -325,6 +325,9 @@ def test_bad_labels(fake):
         train_mil(fake, task="survival", time_key="label", features_key="X_feat")
     with pytest.raises(ValueError, match="task"):
         train_mil(fake, label_key="label", task="regression")
+    several = {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}
+    with pytest.raises(ValueError, match="2 processes"):
+        train_mil(fake, label_key="label", features_key="X_feat", folds=2, trainer_kwargs=several, **TINY)
 
 
 def test_k_shot_larger_than_smallest_class(fake):

@@ -613,6 +613,12 @@ def _fit_one(
     kwargs.update(trainer_kwargs or {})
     with _quiet_lightning(not progress), _torch_state():
         trainer = L.Trainer(**kwargs)
+        if trainer.world_size > 1:
+            msg = (
+                f"train_mil trains one small bag per step on a single device; trainer_kwargs ask for "
+                f"{trainer.world_size} processes (devices / num_nodes / strategy). Pass devices=1."
+            )
+            raise ValueError(msg)
         trainer.fit(lit, train_dataloaders=loader)
     return MILModel(
         lit.net,
@@ -769,7 +775,8 @@ def train_mil(
     seed
         Seed of splits, draws, initialisation and sampling; same seed, same result on CPU.
     trainer_kwargs
-        Passed to :class:`lightning.Trainer` (``accelerator``, ``devices``, ...).
+        Passed to :class:`lightning.Trainer` (``accelerator``, ``precision``, ...). One device only: a request for
+        several processes is refused.
     progress
         Lightning's progress bars.
 
