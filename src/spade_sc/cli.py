@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger("spade_sc")
@@ -73,7 +74,9 @@ def demo(args: argparse.Namespace) -> int:
             import shutil
 
             shutil.rmtree(path)
-        sdata.write(path)
+        with warnings.catch_warnings():  # zarr announces a future default at every array written
+            warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
+            sdata.write(path)
     back = sd.read_zarr(out / f"{held_out}.zarr")
     assert "X_spade" in back.tables["table"].obsm
     sp.pl.experts(cohort[held_out], show=False, save=out / f"experts_{held_out}.png")
@@ -110,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=demo)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # spade_sc's own progress at INFO; other libraries (ome-zarr announces every array it reads) at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
     return args.func(args)
 
 
