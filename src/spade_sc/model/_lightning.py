@@ -230,7 +230,6 @@ class SpadeLightningModule(L.LightningModule):
         Temperature of ``"soft_clip"``.
     init_temperature
         Initial temperature of ``"infonce"``.
-
     restore_best
         At the end of fitting, put back the weights (experts and loss parameters) of the epoch with the lowest
         validation loss; without validation the last epoch's weights stay.
@@ -282,7 +281,7 @@ class SpadeLightningModule(L.LightningModule):
         self.loss_fn = make_loss(loss, temperature=temperature, init_temperature=init_temperature)
         self.register_buffer("loss_history", torch.full((max_epochs, 2), float("nan")))
         self.register_buffer("best_epoch_loss", torch.full((2,), float("nan")))
-        self._best_state: dict[str, torch.Tensor] | None = None
+        self._best_state: dict[str, dict[str, torch.Tensor]] | None = None
         self._sums: dict[str, list[float]] = {"train": [0.0, 0.0], "val": [0.0, 0.0]}
 
     @property

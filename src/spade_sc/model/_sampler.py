@@ -61,8 +61,9 @@ class ExpertBatchSampler(Sampler[list[int]]):
     replica ``rank`` takes every ``num_replicas``-th of them, starting at ``rank``. With ``even=True`` (for training
     under DDP, where every process must run the same number of optimiser steps) the list of steps is first padded
     to a multiple of ``num_replicas`` by repeating its first steps, as :class:`~torch.utils.data.DistributedSampler`
-    does, so each replica gets ``ceil(n_steps / num_replicas)`` steps and at most ``num_replicas - 1`` steps are
-    seen twice per epoch; with ``even=False`` the replicas split the steps exactly (their counts may differ by one).
+    does, so each replica gets ``ceil(n_steps / num_replicas)`` steps and an epoch holds at most
+    ``num_replicas - 1`` extra steps; with ``even=False`` the replicas split the steps exactly (their counts may
+    differ by one).
 
     Parameters
     ----------
