@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._groups import Groups, check_expert_idx
 from ._heads import ProjectionHead, _check_dropout, _check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -149,8 +150,9 @@ class BatchedProjectionHead(nn.Module):
         """Apply to each row the expert given by ``expert_idx``.
 
         Rows are grouped by expert into a zero-padded ``(U, M, in_dim)`` tensor (``U`` experts present, ``M`` rows in
-        the largest group) and processed with batched matrix products; a batch of a single expert (the training case)
-        is therefore a single matrix product with that expert's weights.
+        the largest group; a view, not a copy, when the rows already come expert by expert in equal numbers, as the
+        sampler's steps do) and processed with batched matrix products; a batch of a single expert is therefore a
+        single matrix product with that expert's weights.
 
         Parameters
         ----------
@@ -165,35 +167,17 @@ class BatchedProjectionHead(nn.Module):
             Shape ``(B, proj_dim)``.
         """
         x = self._cast(x, "x")
-        expert_idx = _check_expert_idx(expert_idx, x.shape[0], self.n_experts)
-        n = x.shape[0]
-        if n == 0:
+        expert_idx = check_expert_idx(expert_idx, x.shape[0], self.n_experts)
+        if x.shape[0] == 0:
             return x.new_zeros(0, self.proj_dim)
-        experts, inverse, counts = torch.unique(expert_idx, return_inverse=True, return_counts=True)
+        groups = Groups(expert_idx.to(x.device))
         names = ("projection_weight", "projection_bias", "fc_weight", "fc_bias", "layer_norm_weight", "layer_norm_bias")
-        if experts.numel() == self.n_experts:  # every expert present (the training step): no copy of the weights
+        if groups.n_groups == self.n_experts:  # every expert present (the training step): no copy of the weights
             w1, b1, *params = (getattr(self, name) for name in names)
         else:
-            w1, b1, *params = (getattr(self, name)[experts] for name in names)
-        if experts.numel() == 1:
-            projected = torch.baddbmm(b1.unsqueeze(1), x.unsqueeze(0), w1)
-            return self._tail(projected, *params).squeeze(0)
-        size = int(counts.max())
-        if experts.numel() * size == n and bool((inverse[1:] >= inverse[:-1]).all()):
-            # rows already come expert by expert, as many for each (the sampler's steps): the padded layout is a view
-            projected = torch.baddbmm(b1.unsqueeze(1), x.reshape(experts.numel(), size, self.in_dim), w1)
-            return self._tail(projected, *params).reshape(n, self.proj_dim)
-        order = torch.argsort(inverse, stable=True)
-        group = inverse[order]
-        offsets = torch.cumsum(counts, 0) - counts
-        position = torch.arange(n, device=x.device) - offsets[group]
-        padded = x.new_zeros(experts.numel(), size, self.in_dim)
-        padded[group, position] = x[order]
-        projected = torch.baddbmm(b1.unsqueeze(1), padded, w1)
-        out_padded = self._tail(projected, *params)
-        out = out_padded.new_empty(n, self.proj_dim)
-        out[order] = out_padded[group, position]
-        return out
+            w1, b1, *params = (getattr(self, name)[groups.experts] for name in names)
+        projected = torch.baddbmm(b1.unsqueeze(1), groups.pad(x), w1)
+        return groups.unpad(self._tail(projected, *params))
 
     # ------------------------------------------------------------- conversion
     def to_head(self, k: int) -> ProjectionHead:
@@ -278,21 +262,6 @@ def _check_expert_k(k: int, n_experts: int) -> int:
         msg = f"`k` must be an integer in [0, {n_experts}), got {k!r}."
         raise ValueError(msg)
     return k
-
-
-def _check_expert_idx(expert_idx: torch.Tensor, n_rows: int, n_experts: int) -> torch.Tensor:
-    expert_idx = torch.as_tensor(expert_idx)
-    if expert_idx.ndim != 1 or expert_idx.shape[0] != n_rows:
-        msg = f"`expert_idx` must have shape ({n_rows},), got {tuple(expert_idx.shape)}."
-        raise ValueError(msg)
-    if expert_idx.dtype.is_floating_point or expert_idx.dtype.is_complex or expert_idx.dtype == torch.bool:
-        msg = f"`expert_idx` must be an integer tensor, got dtype {expert_idx.dtype}."
-        raise ValueError(msg)
-    if n_rows and (int(expert_idx.min()) < 0 or int(expert_idx.max()) >= n_experts):
-        msg = f"`expert_idx` values must lie in [0, {n_experts}), got range [{int(expert_idx.min())}, "
-        msg += f"{int(expert_idx.max())}]."
-        raise ValueError(msg)
-    return expert_idx.long()
 
 
 class BatchedExperts(nn.Module):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._groups import Groups, check_expert_idx
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["InfoNCELoss", "SoftCLIPLoss", "make_loss", "soft_clip_loss"]
@@ -29,86 +31,13 @@ def _check_groups(expert_idx: torch.Tensor | None, n_rows: int) -> torch.Tensor 
     """Validate ``expert_idx``; return it as int64, or ``None`` when all rows belong to one expert."""
     if expert_idx is None:
         return None
-    expert_idx = torch.as_tensor(expert_idx)
-    if expert_idx.ndim != 1 or expert_idx.shape[0] != n_rows:
-        msg = f"`expert_idx` must have shape ({n_rows},), got {tuple(expert_idx.shape)}."
-        raise ValueError(msg)
-    if expert_idx.dtype.is_floating_point or expert_idx.dtype.is_complex or expert_idx.dtype == torch.bool:
-        msg = f"`expert_idx` must be an integer tensor, got dtype {expert_idx.dtype}."
-        raise ValueError(msg)
+    expert_idx = check_expert_idx(expert_idx, n_rows)
     if n_rows == 0 or bool((expert_idx == expert_idx[0]).all()):
         return None
-    return expert_idx.long()
+    return expert_idx
 
 
-class _Groups:
-    """Layout of rows grouped by expert in a zero-padded ``(U, M, ...)`` tensor.
-
-    Parameters
-    ----------
-    expert_idx
-        Integer tensor ``(B,)``.
-
-    Attributes
-    ----------
-    n_groups : int
-        Number ``U`` of experts present.
-    size : int
-        Number ``M`` of rows of the largest group.
-    slot : torch.Tensor
-        ``(B,)`` position of each row in the flattened ``(U * M)`` padded layout.
-    mask : torch.Tensor
-        ``(U, M)`` boolean, True where a padded slot holds a row.
-    full : bool
-        No padding (all experts present have ``M`` rows): no masking is needed.
-    in_order : bool
-        ``full`` and the rows already come expert by expert (as the sampler yields them): padding is a view.
-    """
-
-    def __init__(self, expert_idx: torch.Tensor) -> None:
-        n = expert_idx.shape[0]
-        _, inverse, counts = torch.unique(expert_idx, return_inverse=True, return_counts=True)
-        self.n_groups = int(counts.numel())
-        self.size = int(counts.max())
-        order = torch.argsort(inverse, stable=True)
-        group = inverse[order]
-        offsets = torch.cumsum(counts, 0) - counts
-        position = torch.arange(n, device=expert_idx.device) - offsets[group]
-        self.slot = torch.empty_like(order)
-        self.slot[order] = group * self.size + position
-        flat_mask = torch.zeros(self.n_groups * self.size, dtype=torch.bool, device=expert_idx.device)
-        flat_mask[self.slot] = True
-        self.mask = flat_mask.view(self.n_groups, self.size)
-        self.full = self.n_groups * self.size == n
-        self.in_order = self.full and bool((self.slot == torch.arange(n, device=expert_idx.device)).all())
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """Scatter rows ``(B, D)`` into the zero-padded ``(U, M, D)`` layout (differentiable)."""
-        if self.in_order:
-            return x.view(self.n_groups, self.size, x.shape[1])
-        flat = x.new_zeros(self.n_groups * self.size, x.shape[1]).index_copy(0, self.slot, x)
-        return flat.view(self.n_groups, self.size, x.shape[1])
-
-    def fill_padding(self, scores: torch.Tensor) -> torch.Tensor:
-        """Set the padded entries of ``(U, M, M)`` scores to the most negative finite value (no ``-inf``).
-
-        A valid row (column) then gives exactly zero softmax weight to padding, and a fully padded row stays finite
-        (uniform), so nothing downstream meets ``-inf * 0``.
-        """
-        if self.full:
-            return scores
-        pair = self.mask[:, :, None] & self.mask[:, None, :]
-        return scores.masked_fill(~pair, torch.finfo(scores.dtype).min)
-
-    def zero_padding(self, values: torch.Tensor) -> torch.Tensor:
-        """Zero the padded rows of ``(U, M)`` values (or of ``(U, M, M)`` values, row-wise)."""
-        if self.full:
-            return values
-        mask = self.mask if values.ndim == 2 else self.mask[:, :, None]
-        return values.masked_fill(~mask, 0.0)
-
-
-def _soft_ce_sum(logits: torch.Tensor, targets: torch.Tensor, groups: _Groups) -> torch.Tensor:
+def _soft_ce_sum(logits: torch.Tensor, targets: torch.Tensor, groups: Groups) -> torch.Tensor:
     """Sum over experts and rows of the row-wise plus column-wise soft cross-entropies, ``(U, M, M)`` inputs.
 
     ``CE(logits, targets)_i + CE(logits.T, targets.T)_j`` summed over valid ``i`` and ``j`` equals
@@ -124,7 +53,7 @@ def _soft_ce_sum(logits: torch.Tensor, targets: torch.Tensor, groups: _Groups) -
 
 
 def _grouped_soft_clip(
-    image_emb: torch.Tensor, gene_emb: torch.Tensor, groups: _Groups, temperature: float
+    image_emb: torch.Tensor, gene_emb: torch.Tensor, groups: Groups, temperature: float
 ) -> torch.Tensor:
     """Row-weighted mean over experts of :func:`soft_clip_loss` within each expert, computed batched."""
     image, gene = groups.pad(image_emb), groups.pad(gene_emb)
@@ -181,7 +110,7 @@ def soft_clip_loss(
         raise ValueError(msg)
     expert_idx = _check_groups(expert_idx, image_emb.shape[0])
     if expert_idx is not None:
-        return _grouped_soft_clip(image_emb, gene_emb, _Groups(expert_idx.to(image_emb.device)), temperature)
+        return _grouped_soft_clip(image_emb, gene_emb, Groups(expert_idx.to(image_emb.device)), temperature)
     logits = gene_emb @ image_emb.T / temperature
     images_similarity = image_emb @ image_emb.T
     spots_similarity = gene_emb @ gene_emb.T
@@ -296,7 +225,7 @@ class InfoNCELoss(nn.Module):
         gene_n = F.normalize(gene_emb, dim=-1)
         scale = self.logit_scale.exp().clamp(max=self.max_scale)
         if expert_idx is not None:
-            groups = _Groups(expert_idx.to(image_emb.device))
+            groups = Groups(expert_idx.to(image_emb.device))
             logits = scale * torch.bmm(groups.pad(gene_n), groups.pad(image_n).transpose(1, 2))
             filled = groups.fill_padding(logits)
             # CE with identity targets, row- and column-wise: -(2 logits_ii - lse_row_i - lse_col_i) over valid i
