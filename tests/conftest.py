@@ -59,6 +59,17 @@ def _copy_slide(sdata):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (the tests run on 2 shared cores: avoids oversubscription); restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def copy_slide():
     """Function making a cheap copy of a slide whose tables can be written to without touching the original."""

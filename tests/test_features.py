@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import anndata as ad
 import dask.array as da
 import geopandas as gpd
@@ -89,16 +87,6 @@ def _make(
     return sdata
 
 
-def _copy(sdata: SpatialData) -> SpatialData:
-    """A SpatialData sharing the (read-only) elements of ``sdata`` but with copies of its tables."""
-    return SpatialData(
-        images=dict(sdata.images),
-        shapes=dict(sdata.shapes),
-        tables={k: v.copy() for k, v in sdata.tables.items()},
-        attrs=copy.deepcopy(sdata.attrs),
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # pixel-exact patches
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,7 +165,7 @@ def test_level_choice_and_uns(flat):
     assert table.uns["X_l0"]["level"] == 0
 
 
-def test_row_order_follows_instances(flat):
+def test_row_order_follows_instances(flat, copy_slide):
     img = _image()
     rng = np.random.default_rng(1)
     xy = rng.uniform(10, 118, (25, 2))
@@ -185,12 +173,12 @@ def test_row_order_follows_instances(flat):
     sdata = _make(img, xy, ids=ids)
     ref = sp.pp.image_features(sdata, encoder=flat, mpp=1.0, patch_size=P, inplace=False, progress=False)
     perm = rng.permutation(25)
-    shuffled = _copy(sdata)
+    shuffled = copy_slide(sdata)
     shuffled.tables["table"] = sdata.tables["table"][perm].copy()
     sp.pp.image_features(shuffled, encoder=flat, mpp=1.0, patch_size=P, progress=False, batch_size=4)
     np.testing.assert_array_equal(shuffled.tables["table"].obsm["X_flat"], ref[perm])
     # the shapes in another order change nothing
-    reordered = _copy(sdata)
+    reordered = copy_slide(sdata)
     reordered.shapes["spots"] = sdata.shapes["spots"].iloc[::-1]
     got = sp.pp.image_features(reordered, encoder=flat, mpp=1.0, patch_size=P, inplace=False, progress=False)
     np.testing.assert_array_equal(got, ref)
@@ -381,8 +369,8 @@ def test_partly_outside_warns(flat, caplog):
 # ---------------------------------------------------------------------------------------------------------------------
 # real data
 # ---------------------------------------------------------------------------------------------------------------------
-def test_visium_tiny_default_encoder(visium_tiny, tmp_path):
-    sdata = _copy(visium_tiny)
+def test_visium_tiny_default_encoder(visium_tiny, tmp_path, copy_slide):
+    sdata = copy_slide(visium_tiny)
     sp.pp.image_features(sdata, image_key="visium_heart_tiny_lowres_image", progress=False)
     table = sdata.tables["table"]
     x = table.obsm["X_efficientnet_lite0"]

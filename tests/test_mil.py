@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
-import torch
 from anndata import AnnData
 from matplotlib.image import imread
 from spatialdata import SpatialData
@@ -35,13 +34,7 @@ FAST = {"hidden": 128, "attention_dim": 64, "lr": 1e-3, "max_epochs": 10}
 TINY = {"hidden": 16, "attention_dim": 8, "lr": 1e-3, "max_epochs": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tests run on 2 shared cores: one torch thread avoids oversubscription (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -25,14 +25,7 @@ from spade_sc.pl._spatial import experts as pl_experts
 from spade_sc.tl._mil import attention, train_mil
 from spade_sc.tl._slides import slide_embeddings
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tests run on 2 shared cores: one torch thread avoids oversubscription (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _section(sdata: SpatialData, *, spots: bool) -> SpatialData:

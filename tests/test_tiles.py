@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import dask.array as da
 import numpy as np
 import pytest
@@ -18,16 +16,6 @@ import spade_sc as sp
 from spade_sc._sdata import image_levels, table_region
 from spade_sc.encoders import get_encoder
 from spade_sc.pp._tiles import tissue_mask
-
-
-def _copy(sdata: SpatialData) -> SpatialData:
-    """A SpatialData sharing the elements of ``sdata`` (the session fixtures must not be modified)."""
-    return SpatialData(
-        images=dict(sdata.images),
-        shapes=dict(sdata.shapes),
-        tables={k: v.copy() for k, v in sdata.tables.items()},
-        attrs=copy.deepcopy(sdata.attrs),
-    )
 
 
 def _blob_image(size: int = 512, seed: int = 0) -> np.ndarray:
@@ -156,9 +144,9 @@ def test_lazy_40k_slide_is_tiled_without_reading_level_0():
     assert b.min() >= 0 and b.max() <= 40000 + 224
 
 
-def test_her2st_tiles_on_tissue_not_glass(her2st):
+def test_her2st_tiles_on_tissue_not_glass(her2st, copy_slide):
     for sid in her2st:
-        sdata = _copy(her2st[sid])
+        sdata = copy_slide(her2st[sid])
         sp.pp.tile_tissue(sdata, image_key=f"{sid}_image")
         tiles = sdata.shapes[f"{sid}_image_tiles"]
         assert len(tiles) > 50
