@@ -208,6 +208,30 @@ def _data_config(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float,
     return int(h), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
+def _timm_encoder(
+    model: nn.Module,
+    *,
+    default_name: str,
+    source: dict[str, Any],
+    input_size: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    name: str | None,
+    **common: Any,
+) -> Encoder:
+    """The :class:`Encoder` of a timm ``model``; ``input_size`` / ``mean`` / ``std`` default to its data config."""
+    cfg_size, cfg_mean, cfg_std = _data_config(model)
+    return Encoder(
+        model,
+        name=name or default_name,
+        input_size=cfg_size if input_size is None else input_size,
+        mean=cfg_mean if mean is None else mean,
+        std=cfg_std if std is None else std,
+        source=source,
+        **common,
+    )
+
+
 def _unknown_spec_error(spec: str) -> ValueError:
     import timm
 
@@ -698,14 +722,14 @@ def _from_timm(
             "unless this is intended.",
             spec,
         )
-    cfg_size, cfg_mean, cfg_std = _data_config(model)
-    return Encoder(
+    return _timm_encoder(
         model,
-        name=name or _safe_name(arch),
-        input_size=cfg_size if input_size is None else input_size,
-        mean=cfg_mean if mean is None else mean,
-        std=cfg_std if std is None else std,
+        default_name=_safe_name(arch),
         source={"kind": "timm", "spec": spec, "weights": None if path is None else str(path), "model_kwargs": kwargs},
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        name=name,
         **common,
     )
 
@@ -763,15 +787,14 @@ def _from_hub(
         if not offline:
             reason = "the download failed (no access to a gated repo, wrong id or network problem?)"
         raise _hub_error(spec, reason, err) from err
-    cfg_size, cfg_mean, cfg_std = _data_config(model)
-    default_name = _safe_name(repo.rstrip("/").split("@", 1)[0].rsplit("/", 1)[-1])
-    return Encoder(
+    return _timm_encoder(
         model,
-        name=name or default_name,
-        input_size=cfg_size if input_size is None else input_size,
-        mean=cfg_mean if mean is None else mean,
-        std=cfg_std if std is None else std,
+        default_name=_safe_name(repo.rstrip("/").split("@", 1)[0].rsplit("/", 1)[-1]),
         source={"kind": "hf-hub", "spec": spec, "model_kwargs": kwargs},
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        name=name,
         **common,
     )
 
@@ -802,14 +825,14 @@ def _from_local_dir(
     except Exception as err:
         msg = f"timm could not load {spec!r}: {type(err).__name__}: {err}"
         raise ValueError(msg) from err
-    cfg_size, cfg_mean, cfg_std = _data_config(model)
-    return Encoder(
+    return _timm_encoder(
         model,
-        name=name or _safe_name(folder.name),
-        input_size=cfg_size if input_size is None else input_size,
-        mean=cfg_mean if mean is None else mean,
-        std=cfg_std if std is None else std,
+        default_name=_safe_name(folder.name),
         source={"kind": "local-dir", "spec": spec, "weights": str(folder), "model_kwargs": kwargs},
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        name=name,
         **common,
     )
 

@@ -87,8 +87,18 @@ def _check_unique(table: AnnData, where: str) -> None:
         raise ValueError(msg)
 
 
+def _source_label(source: str | None) -> str:
+    return "X" if source is None else f"layer {source!r}"
+
+
 def _where(sid: str, table_key: str, source: str | None) -> str:
-    return f"Slide {sid!r}, table {table_key!r} ({'X' if source is None else f'layer {source!r}'})"
+    return f"Slide {sid!r}, table {table_key!r} ({_source_label(source)})"
+
+
+def _spot_scale(counts) -> np.ndarray:
+    """Per-spot factor scaling each row of ``counts`` to ``TARGET_SUM`` (float64; 0 for spots with no counts)."""
+    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    return np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
 
 
 def gene_panel(
@@ -137,6 +147,7 @@ def gene_panel(
           ``n_slides``, ``slides``).
     """
     import anndata as ad
+    import pandas as pd
     import scanpy as sc
 
     if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, int | np.integer) or n_top_genes < 1:
@@ -175,8 +186,7 @@ def gene_panel(
         X = _counts(table, source)[:, idx]
         if not np.issubdtype(X.dtype, np.floating):
             X = X.astype(np.float32)
-        sub = ad.AnnData(X=X, var={"gene": shared_genes})
-        sub.var_names = shared_genes
+        sub = ad.AnnData(X=X, var=pd.DataFrame(index=shared_genes))
         if flavor not in _COUNT_FLAVORS:
             sc.pp.normalize_total(sub)
             sc.pp.log1p(sub)
@@ -252,7 +262,7 @@ def gene_matrix(
         msg = f"genes holds duplicated names: {dup[:_N_SHOWN]}."
         raise ValueError(msg)
     source = _counts_source(table, layer, "The table")
-    where = f"The table ({'X' if source is None else f'layer {source!r}'})"
+    where = f"The table ({_source_label(source)})"
     _check_unique(table, where)
     idx = table.var_names.get_indexer(genes)
     if (idx < 0).any():
@@ -270,8 +280,7 @@ def gene_matrix(
     out = np.asarray(sub, dtype=np.float32)
     if gene_input == "counts":
         return out
-    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+    scale = _spot_scale(counts)
     out = (out.astype(np.float64) * scale[:, None]).astype(np.float32)
     np.log1p(out, out=out)
     return out

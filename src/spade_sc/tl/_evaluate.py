@@ -386,14 +386,13 @@ def _log1p_moments(table: AnnData, genes: Sequence[str]) -> tuple[np.ndarray, np
     """Per-gene sum and sum of squares of log1p(normalize_total) over a table's spots, sparse-aware."""
     from scipy import sparse
 
-    from ..pp._genes import TARGET_SUM, _check_counts, _counts, _counts_source
+    from ..pp._genes import _check_counts, _counts, _counts_source, _spot_scale
 
     source = _counts_source(table, None, "The table")
     counts = _counts(table, source)
     _check_counts(counts, "The table")
     idx = table.var_names.get_indexer(list(genes))
-    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+    scale = _spot_scale(counts)
     sub = counts[:, idx]
     if sparse.issparse(sub):
         sub = sparse.csr_matrix(sub, dtype=np.float64)
