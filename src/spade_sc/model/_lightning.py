@@ -282,7 +282,8 @@ class SpadeLightningModule(L.LightningModule):
         self.register_buffer("loss_history", torch.full((max_epochs, 2), float("nan")))
         self.register_buffer("best_epoch_loss", torch.full((2,), float("nan")))
         self._best_state: dict[str, dict[str, torch.Tensor]] | None = None
-        self._sums: dict[str, list[float]] = {"train": [0.0, 0.0], "val": [0.0, 0.0]}
+        # per stage: the step losses (left on the device: no host sync per step) and the rows of each step
+        self._steps: dict[str, tuple[list[torch.Tensor], list[int]]] = {"train": ([], []), "val": ([], [])}
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -334,9 +335,9 @@ class SpadeLightningModule(L.LightningModule):
         loss = self.loss_fn(image_emb, gene_emb, expert_idx)
         n = image.shape[0]
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
-        sums = self._sums[stage]
-        sums[0] += float(loss.detach()) * n
-        sums[1] += n
+        losses, rows = self._steps[stage]
+        losses.append(loss.detach())
+        rows.append(n)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -375,15 +376,17 @@ class SpadeLightningModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         """Reset the running training loss."""
-        self._sums["train"] = [0.0, 0.0]
+        self._steps["train"] = ([], [])
 
     def on_validation_epoch_start(self) -> None:
         """Reset the running validation loss."""
-        self._sums["val"] = [0.0, 0.0]
+        self._steps["val"] = ([], [])
 
     def _epoch_mean(self, stage: str) -> float:
         """Row-weighted mean loss of the epoch; training sums are added over processes (validation is not sharded)."""
-        total, n = self._sums[stage]
+        losses, rows = self._steps[stage]
+        total = float(torch.stack(losses).cpu().double() @ torch.tensor(rows, dtype=torch.float64)) if rows else 0.0
+        n = sum(rows)
         trainer = self.trainer
         if stage == "train" and trainer.world_size > 1:
             sums = trainer.strategy.reduce(torch.tensor([total, n], device=self.device), reduce_op="sum")

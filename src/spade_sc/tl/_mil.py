@@ -21,12 +21,10 @@ Protocol
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +34,7 @@ import pandas as pd
 
 from .._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
 from .._sdata import as_cohort
+from .._trainer import default_trainer_kwargs, quiet_lightning, torch_state
 from ._slides import SPADE_KEY, labels_frame, require_tiles, tile_features
 
 if TYPE_CHECKING:
@@ -483,53 +482,6 @@ def _first(items: list[Any]) -> Any:
     return items[0]
 
 
-@contextlib.contextmanager
-def _quiet_lightning(quiet: bool) -> Iterator[None]:
-    """Silence Lightning's info lines and data-loader hints when progress is off."""
-    names = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
-        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-        if quiet:
-            for lg in loggers:
-                lg.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for lg, lv in zip(loggers, levels, strict=True):
-                lg.setLevel(lv)
-
-
-@contextlib.contextmanager
-def _torch_state() -> Iterator[None]:
-    """Leave torch's global settings as they were after training.
-
-    ``Trainer(deterministic=True)`` switches deterministic algorithms on for the whole session and sets the cuBLAS
-    workspace variable; the intra-op thread count is restored too.
-    """
-    import os
-
-    import torch
-
-    threads = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(det, warn_only=warn_only)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        if cublas is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        else:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
-
-
 def _split_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([int(seed), *[int(p) for p in parts]]).generate_state(1)[0] % (2**31 - 1))
 
@@ -597,21 +549,10 @@ def _fit_one(
     loader = torch.utils.data.DataLoader(tensors, batch_size=1, sampler=sampler, collate_fn=_first, num_workers=0)
     loss = "nll" if task == "survival" else ("bce" if n_out == 1 else "ce")
     lit = _lightning_module_class()(net, loss=loss, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    kwargs: dict[str, Any] = {
-        "max_epochs": int(hp["max_epochs"]),
-        "accelerator": "auto",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": bool(progress),
-        "enable_model_summary": False,
-        "deterministic": True,
-        "num_sanity_val_steps": 0,
-        "use_distributed_sampler": False,
-        "log_every_n_steps": max(1, len(bags)),
-    }
-    kwargs.update(trainer_kwargs or {})
-    with _quiet_lightning(not progress), _torch_state():
+    kwargs = default_trainer_kwargs(
+        hp["max_epochs"], progress, {"log_every_n_steps": max(1, len(bags)), **(trainer_kwargs or {})}
+    )
+    with quiet_lightning(not progress), torch_state():
         trainer = L.Trainer(**kwargs)
         if trainer.world_size > 1:
             msg = (

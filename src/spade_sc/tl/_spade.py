@@ -13,6 +13,7 @@ import numpy as np
 
 from .._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
 from .._sdata import as_cohort, resolve_key, resolve_table, table_region
+from .._trainer import default_trainer_kwargs, quiet_lightning, torch_state
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -226,7 +227,6 @@ class SpadeModel:
         The model itself, trained; ``history_`` holds the loss of every epoch.
         """
         import lightning as L
-        import torch
 
         from ..model import PairsDataModule, PairsDataset, SpadeLightningModule
 
@@ -263,37 +263,15 @@ class SpadeModel:
         callbacks: list[Any] = []
         if early_stopping_patience is not None and val_ds is not None:
             callbacks.append(L.pytorch.callbacks.EarlyStopping("val_loss", patience=int(early_stopping_patience)))
-        kwargs = {
-            "max_epochs": max_epochs,
-            "accelerator": "auto",
-            "devices": 1,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": progress,
-            "enable_model_summary": False,
-            "deterministic": True,
-            "num_sanity_val_steps": 0,
-            "use_distributed_sampler": False,
-        }
-        kwargs.update(trainer_kwargs or {})
+        kwargs = default_trainer_kwargs(max_epochs, progress, trainer_kwargs)
         kwargs["callbacks"] = [*callbacks, *list(kwargs.get("callbacks", []) or [])]
-        # Lightning announces devices and tips at INFO level at every fit: keep them out of the user's log.
-        chatty = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-        level = chatty.level
-        chatty.setLevel(logging.WARNING)
-        # Trainer(deterministic=True) switches torch's deterministic algorithms on for the whole process: restore
-        # the caller's setting (and thread count) afterwards.
-        deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-        try:
+        # Lightning announces devices and tips at INFO level at every fit: kept out of the user's log, progress or not
+        with quiet_lightning(True), torch_state():
             trainer = L.Trainer(**kwargs)
             data = PairsDataModule(
                 train_ds, val_ds, batch_size=batch_size, seed=seed, experts_per_step=experts_per_step
             )
             trainer.fit(lit, datamodule=data)
-        finally:
-            chatty.setLevel(level)
-            torch.use_deterministic_algorithms(deterministic)
-            torch.set_num_threads(threads)
         self.module = lit.experts.cpu().eval()
         self.loss_module = lit.loss_fn.cpu()
         self.history_ = [dict(h) for h in lit.history]
@@ -505,35 +483,37 @@ def _spots_table(sdata: SpatialData, table_key: str | None, shapes_key: str | No
     return resolve_table(sdata, table_key, shapes_key), shapes_key
 
 
-def _write_embedding(
-    table: AnnData,
-    model: SpadeModel,
-    emb: np.ndarray,
-    weights: np.ndarray,
-    assigned: np.ndarray,
-    *,
-    routing: str,
-    key_added: str,
-    features_key: str,
-    extra: Mapping[str, Any] | None = None,
-) -> None:
-    import pandas as pd
-
-    cats = [str(k) for k in range(model.n_experts)]
-    table.obsm[key_added] = emb
-    table.obs["spade_expert"] = pd.Categorical([str(a) for a in assigned], categories=cats)
-    table.obsm["spade_routing"] = weights
-    w = np.clip(weights, 1e-12, 1.0)
-    table.obs["spade_routing_entropy"] = -(w * np.log(w)).sum(1)
-    table.uns["spade"] = {
+def _spade_record(model: SpadeModel, *, routing: str, key_added: str, features_key: str) -> dict[str, Any]:
+    """The ``uns["spade"]`` provenance of an embedding (the same for every slide embedded by one call)."""
+    return {
         "params": {**model.init_params_, "routing": routing, "key_added": key_added, "features_key": features_key},
         "genes": list(model.genes),
         "fingerprint": model.fingerprint(),
         "train_params": json.loads(json.dumps(model.train_params_, default=str)),
         "experts": model.experts.config()["params"],
         "versions": versions(),
-        **(extra or {}),
     }
+
+
+def _write_embedding(
+    table: AnnData,
+    model: SpadeModel,
+    emb: np.ndarray,
+    weights: np.ndarray,
+    assigned: np.ndarray,
+    record: Mapping[str, Any],
+) -> None:
+    import copy
+
+    import pandas as pd
+
+    cats = [str(k) for k in range(model.n_experts)]
+    table.obsm[record["params"]["key_added"]] = emb
+    table.obs["spade_expert"] = pd.Categorical([str(a) for a in assigned], categories=cats)
+    table.obsm["spade_routing"] = weights
+    w = np.clip(weights, 1e-12, 1.0)
+    table.obs["spade_routing_entropy"] = -(w * np.log(w)).sum(1)
+    table.uns["spade"] = copy.deepcopy(dict(record))
 
 
 def _split_single_slide(table: AnnData, name: str, fraction: float) -> dict[str, np.ndarray]:
@@ -800,11 +780,10 @@ def fit(
     model.train_params_["n_experts_auto"] = n_experts == "auto"
     model.train_params_["tissue_key"] = tissue_key
 
+    record = _spade_record(model, routing=routing, key_added=key_added, features_key=features_key)
     for name, t in tables.items():
         emb, weights = model.get_image_embedding(feats[name], routing)
-        _write_embedding(
-            t, model, emb, weights, assigned[name], routing=routing, key_added=key_added, features_key=features_key
-        )
+        _write_embedding(t, model, emb, weights, assigned[name], record)
     return model
 
 
@@ -905,7 +884,6 @@ def embed(
     if not inplace:
         return emb, weights
     assigned = model.experts.assign(feats)
-    _write_embedding(
-        table, model, emb, weights, assigned, routing=routing, key_added=key_added, features_key=features_key
-    )
+    record = _spade_record(model, routing=routing, key_added=key_added, features_key=features_key)
+    _write_embedding(table, model, emb, weights, assigned, record)
     return None
