@@ -284,19 +284,21 @@ def _n_rows(rows: np.ndarray | slice) -> int:
 
 def _step1(
     features: np.ndarray,
-    tissues: np.ndarray,
+    groups: dict[str, Any],
     *,
     n_clusters: int,
     seed: int,
     minibatch_threshold: int,
-    warn: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, dict[str, Any]]]:
-    """Step 1: per-tissue k-means. Returns centroids (C, D), their tissue (C,) and a per-tissue record."""
+    """Step 1: k-means within each tissue (``groups``: tissue -> rows, as :func:`_groups` gives).
+
+    Returns centroids (C, D), their tissue (C,) and a per-tissue record.
+    """
     cents, labels, record = [], [], {}
-    for t, rows in _groups(tissues).items():
+    for t, rows in groups.items():
         n_t = _n_rows(rows)
         k = min(n_clusters, n_t)
-        if k < n_clusters and warn:
+        if k < n_clusters:
             warnings.warn(
                 f"Tissue {t!r} has {n_t} spot(s), fewer than n_clusters_per_tissue={n_clusters}: it gets {k} "
                 f"cluster(s).",
@@ -311,6 +313,16 @@ def _step1(
         labels.extend([t] * k)
         record[t] = {"k": k, "n": n_t, "wcss": wcss, "algorithm": algorithm}
     return np.concatenate(cents, axis=0), np.asarray(labels, dtype=str), record
+
+
+def _step2(centroids: np.ndarray, n_experts: int, seed: int) -> Any:
+    """Step 2: k-means over the step-1 centroids (a fitted :class:`sklearn.cluster.KMeans`)."""
+    from sklearn.cluster import KMeans
+
+    with warnings.catch_warnings():
+        # Duplicated centroids may give fewer distinct clusters; the experts stay usable.
+        warnings.filterwarnings("ignore", message="Number of distinct clusters", category=Warning)
+        return KMeans(n_clusters=n_experts, n_init=N_INIT_STEP2, random_state=seed).fit(centroids)
 
 
 def _two_step_kmeans(
@@ -341,14 +353,13 @@ def _two_step_kmeans(
     -------
     The :class:`DataExperts` (without ``features_key`` / ``tissue_key``) and the expert of each row (or None).
     """
-    from sklearn.cluster import KMeans
-
     n = features.shape[0]
     if tissues is None:
         tissues = np.full(n, ALL_TISSUES)
     tissues = np.asarray(tissues).astype(str)
     _check_counts_of_clusters(n_clusters_per_tissue, n_experts)
-    ks = {t: min(n_clusters_per_tissue, _n_rows(r)) for t, r in _groups(tissues).items()}
+    groups = _groups(tissues)
+    ks = {t: min(n_clusters_per_tissue, _n_rows(r)) for t, r in groups.items()}
     n_centroids = sum(ks.values())
     if n_experts > n_centroids:
         msg = (
@@ -358,11 +369,9 @@ def _two_step_kmeans(
         raise ValueError(msg)
 
     centroids, centroid_tissue, record = _step1(
-        features, tissues, n_clusters=n_clusters_per_tissue, seed=seed, minibatch_threshold=minibatch_threshold
+        features, groups, n_clusters=n_clusters_per_tissue, seed=seed, minibatch_threshold=minibatch_threshold
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Number of distinct clusters", category=Warning)
-        model = KMeans(n_clusters=n_experts, n_init=N_INIT_STEP2, random_state=seed).fit(centroids)
+    model = _step2(centroids, n_experts, seed)
     centroid_expert = model.labels_.astype(np.int64)
     logger.info("experts step 2: %d centroids -> %d experts, WCSS %.4g", len(centroids), n_experts, model.inertia_)
     params = {
@@ -658,8 +667,6 @@ def expert_elbow(
         One row per clustering, columns ``step`` (``"tissue"`` or ``"experts"``), ``tissue`` (the tissue, or
         ``"all"`` for step 2), ``k`` and ``wcss``.
     """
-    from sklearn.cluster import KMeans
-
     k_values = _check_values(k_values, "k_values")
     n_experts_values = k_values if n_experts_values is None else _check_values(n_experts_values, "n_experts_values")
     _check_counts_of_clusters(n_clusters_per_tissue, 1)
@@ -692,9 +699,7 @@ def expert_elbow(
             f"expert_elbow: {len(centroids)} step-1 centroids; skipping n_experts={skipped}.", UserWarning, stacklevel=2
         )
     for k in [k for k in n_experts_values if k <= len(centroids)]:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Number of distinct clusters", category=Warning)
-            model = KMeans(n_clusters=k, n_init=N_INIT_STEP2, random_state=seed).fit(centroids)
+        model = _step2(centroids, k, seed)
         rows.append({"step": "experts", "tissue": ALL_TISSUES, "k": k, "wcss": float(model.inertia_)})
     df = pd.DataFrame(rows, columns=["step", "tissue", "k", "wcss"])
     return df.astype({"k": np.int64, "wcss": np.float64})
