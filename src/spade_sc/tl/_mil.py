@@ -229,11 +229,14 @@ class MILModel:
         Classification: the class probabilities (n_classes,) in the order of :attr:`classes` (two classes:
         ``[1 - p, p]``). Survival: the risk ``-sum_t S_t`` (higher means shorter survival).
         """
+        return self._prediction(self._forward(bag)[0])
+
+    def _prediction(self, logits: Any) -> np.ndarray | float:
+        """:meth:`predict` from the network's logits."""
         import torch
 
         from ..model import risk_from_hazards
 
-        logits, _ = self._forward(bag)
         if self.task == "survival":
             return float(risk_from_hazards(logits))
         if logits.shape[0] == 1:
@@ -1025,8 +1028,9 @@ def attention(
             f"{mil_model.in_dim}-d features ({mil_model.features_key!r})."
         )
         raise ValueError(msg)
-    scores = mil_model.attention_scores(x)
-    pred = mil_model.predict(x)
+    logits, scores = mil_model._forward(x)  # one pass gives the attention and the prediction
+    scores = scores.numpy().astype(np.float32)
+    pred = mil_model._prediction(logits)
     pct = rankdata(scores, method="average") / len(scores)
     table.obs[key_added] = scores.astype(np.float32)
     table.obs[f"{key_added}_pct"] = pct.astype(np.float32)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._sdata import ATTRS_KEY, as_cohort, resolve_key, resolve_table, table_region
+from .._sdata import _KINDS, ATTRS_KEY, as_cohort, resolve_key, resolve_table, table_region
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -30,7 +30,6 @@ logger = logging.getLogger("spade_sc")
 TILES_SUFFIX = "_tiles"
 #: Default embedding key.
 SPADE_KEY = "X_spade"
-_KINDS = ("images", "shapes", "tables", "labels", "points")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -261,10 +260,9 @@ def slide_embeddings(
         raise ValueError(msg)
     tile_kwargs = dict(tile_kwargs or {})
     feature_kwargs = dict(feature_kwargs or {})
-    for bad in ("image_key",):
-        if bad in tile_kwargs:
-            msg = f"tile_kwargs must not hold {bad!r}: pass image_key= to slide_embeddings."
-            raise ValueError(msg)
+    if "image_key" in tile_kwargs:
+        msg = "tile_kwargs must not hold 'image_key': pass image_key= to slide_embeddings."
+        raise ValueError(msg)
     if "key_added" in tile_kwargs:
         if tiles_key is not None and tiles_key != tile_kwargs["key_added"]:
             msg = f"tiles_key={tiles_key!r} differs from tile_kwargs['key_added']={tile_kwargs['key_added']!r}."
@@ -432,22 +430,12 @@ def _embed_tiles(
     if step["image_key"] is not None:
         kwargs["image_key"] = step["image_key"]
     kwargs.update(feature_kwargs)
-    if model is None:
-        image_features(
-            sdata, encoder=enc, shapes_key=skey, table_key=tkey, key_added=features_key, progress=progress, **kwargs
-        )
-        return
-    if features_key == model.features_key:
+    if model is None or features_key == model.features_key:
         from ..encoders import encoder_from_spec
 
+        encoder = enc if model is None else encoder_from_spec(model.encoder_spec)
         image_features(
-            sdata,
-            encoder=encoder_from_spec(model.encoder_spec),
-            shapes_key=skey,
-            table_key=tkey,
-            key_added=features_key,
-            progress=progress,
-            **kwargs,
+            sdata, encoder=encoder, shapes_key=skey, table_key=tkey, key_added=features_key, progress=progress, **kwargs
         )
         return
     from ._spade import embed
