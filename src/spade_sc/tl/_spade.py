@@ -96,15 +96,7 @@ class SpadeModel:
     ) -> None:
         from ..model import BatchedExperts, make_loss
 
-        if gene_input not in GENE_INPUTS:
-            msg = f"gene_input={gene_input!r}; choose one of {GENE_INPUTS}."
-            raise ValueError(msg)
-        if loss not in LOSSES:
-            msg = f"loss={loss!r}; choose one of {LOSSES}."
-            raise ValueError(msg)
-        if routing not in ROUTINGS:
-            msg = f"routing={routing!r}; choose one of {ROUTINGS}."
-            raise ValueError(msg)
+        _check_choices(gene_input=gene_input, loss=loss, routing=routing)
         if experts.centroids.shape[1] != image_dim:
             msg = f"The experts' centroids have dimension {experts.centroids.shape[1]}, the features {image_dim}."
             raise ValueError(msg)
@@ -301,9 +293,7 @@ class SpadeModel:
         from ..model import route
 
         routing = routing or self.init_params_["routing"]
-        if routing not in ROUTINGS:
-            msg = f"routing={routing!r}; choose one of {ROUTINGS}."
-            raise ValueError(msg)
+        _check_choices(routing=routing)
         with torch.no_grad():
             w = route(
                 torch.as_tensor(np.asarray(features, dtype=np.float32)),
@@ -474,6 +464,15 @@ class SpadeModel:
 
 
 # ---------------------------------------------------------------------- helpers for fit / embed
+def _check_choices(**values: str) -> None:
+    """Raise a ValueError naming the first argument whose value is not one of its allowed choices."""
+    allowed = {"gene_input": GENE_INPUTS, "loss": LOSSES, "routing": ROUTINGS}
+    for name, value in values.items():
+        if value not in allowed[name]:
+            msg = f"{name}={value!r}; choose one of {allowed[name]}."
+            raise ValueError(msg)
+
+
 def _spots_table(sdata: SpatialData, table_key: str | None, shapes_key: str | None) -> tuple[str, str]:
     """(table key, shapes key) of the spot table of a slide."""
     if shapes_key is None and table_key is not None:
@@ -656,11 +655,7 @@ def fit(
         if len(validation_slides) >= len(cohort):
             msg = "validation_slides leaves no slide to train on."
             raise ValueError(msg)
-    for name, key in [("gene_input", gene_input), ("loss", loss), ("routing", routing)]:
-        allowed = {"gene_input": GENE_INPUTS, "loss": LOSSES, "routing": ROUTINGS}[name]
-        if key not in allowed:
-            msg = f"{name}={key!r}; choose one of {allowed}."
-            raise ValueError(msg)
+    _check_choices(gene_input=gene_input, loss=loss, routing=routing)
     if key_added in ("spade_routing",):
         msg = f"key_added={key_added!r} collides with a key spade_sc writes."
         raise ValueError(msg)
@@ -850,9 +845,7 @@ def embed(
         )
         raise ValueError(msg)
     routing = routing or model.init_params_["routing"]
-    if routing not in ROUTINGS:
-        msg = f"routing={routing!r}; choose one of {ROUTINGS}."
-        raise ValueError(msg)
+    _check_choices(routing=routing)
     tkey, skey = _spots_table(sdata, table_key, shapes_key)
     table = sdata.tables[tkey]
     if features_key in table.obsm:
