@@ -52,15 +52,11 @@ def resolve_key(sdata: SpatialData, kind: str, key: str | None, *, what: str | N
 
 def annotating_tables(sdata: SpatialData, element_key: str) -> list[str]:
     """Names of the tables that annotate ``element_key``."""
-    from spatialdata.models import get_table_keys
-
     out = []
     for name, table in sdata.tables.items():
         if "spatialdata_attrs" not in table.uns:
             continue
-        region = get_table_keys(table)[0]
-        regions = [region] if isinstance(region, str) else list(region)
-        if element_key in regions:
+        if element_key in table_region(table)[0]:
             out.append(name)
     return out
 
@@ -131,16 +127,19 @@ def shared_coordinate_system(sdata: SpatialData, *keys: str) -> str:
     return (with_size or shared)[0]
 
 
-def to_pixels_matrix(sdata: SpatialData, element_key: str, image_key: str, coordinate_system: str) -> np.ndarray:
-    """3x3 affine matrix mapping ``element_key``'s intrinsic (x, y) to the level-0 pixels of ``image_key``."""
+def _xy_affine(element: Any, coordinate_system: str) -> np.ndarray:
+    """3x3 affine matrix of ``element``'s transformation to ``coordinate_system``, on the (x, y) axes."""
     from spatialdata.transformations import get_transformation
 
-    el = get_transformation(sdata[element_key], to_coordinate_system=coordinate_system).to_affine_matrix(
+    return get_transformation(element, to_coordinate_system=coordinate_system).to_affine_matrix(
         input_axes=("x", "y"), output_axes=("x", "y")
     )
-    im = get_transformation(sdata[image_key], to_coordinate_system=coordinate_system).to_affine_matrix(
-        input_axes=("x", "y"), output_axes=("x", "y")
-    )
+
+
+def to_pixels_matrix(sdata: SpatialData, element_key: str, image_key: str, coordinate_system: str) -> np.ndarray:
+    """3x3 affine matrix mapping ``element_key``'s intrinsic (x, y) to the level-0 pixels of ``image_key``."""
+    el = _xy_affine(sdata[element_key], coordinate_system)
+    im = _xy_affine(sdata[image_key], coordinate_system)
     return np.linalg.inv(im) @ el
 
 
@@ -157,16 +156,12 @@ def image_pixel_size(
             msg = f"image_mpp must be positive, got {image_mpp!r}."
             raise ValueError(msg)
         return float(image_mpp)
-    from spatialdata.transformations import get_transformation
-
     systems = [coordinate_system] if coordinate_system else element_coordinate_systems(sdata[image_key])
     for cs in systems:
         mpu = microns_per_unit(sdata, cs)
         if mpu is None:
             continue
-        m = get_transformation(sdata[image_key], to_coordinate_system=cs).to_affine_matrix(
-            input_axes=("x", "y"), output_axes=("x", "y")
-        )
+        m = _xy_affine(sdata[image_key], cs)
         return mpu * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
     msg = (
         f"The pixel size of image {image_key!r} is unknown: no size is recorded for its coordinate systems "
@@ -189,10 +184,10 @@ def image_levels(image: Any) -> list[xr.DataArray]:
     return levels
 
 
-def level_downsample(levels: Sequence[xr.DataArray]) -> list[float]:
-    """Downsampling factor of each level relative to level 0 (mean over y and x)."""
+def level_mpp(levels: Sequence[xr.DataArray], p0: float) -> list[float]:
+    """Micrometres per pixel of each level, from ``p0`` (level 0) and its downsampling (mean over y and x)."""
     h0, w0 = levels[0].sizes["y"], levels[0].sizes["x"]
-    return [float(np.mean([h0 / lv.sizes["y"], w0 / lv.sizes["x"]])) for lv in levels]
+    return [p0 * float(np.mean([h0 / lv.sizes["y"], w0 / lv.sizes["x"]])) for lv in levels]
 
 
 def as_cohort(cohort: SpatialData | Mapping[str, SpatialData] | Sequence[SpatialData]) -> dict[str, SpatialData]:

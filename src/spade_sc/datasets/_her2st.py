@@ -114,6 +114,11 @@ def _pixel_size(spots: pd.DataFrame) -> float:
     return SPOT_SPACING_UM / px_per_step
 
 
+def _spot_key(df: pd.DataFrame) -> pd.Series:
+    """``"<x>x<y>"`` spot keys from the integer array positions in columns ``x`` and ``y``."""
+    return df["x"].astype(int).astype(str) + "x" + df["y"].astype(int).astype(str)
+
+
 def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str, int], str]) -> SpatialData:
     import dask.array as da
     from anndata import AnnData
@@ -135,7 +140,7 @@ def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str
     if not need <= set(spots.columns):
         msg = f"Spot file {spot_path} lacks the columns {sorted(need - set(spots.columns))}."
         raise ValueError(msg)
-    spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
+    spots.index = _spot_key(spots)
     spots = spots[~spots.index.duplicated()]
     shared = counts.index.intersection(spots.index)
     if len(shared) == 0:
@@ -158,8 +163,7 @@ def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str
     lbl_path = root / "res" / "ST-cluster" / "lbl" / f"{sid}-cluster-annotation.tsv.gz"
     if lbl_path.is_file():
         lbl = pd.read_csv(lbl_path, sep="\t")
-        key = lbl["x"].astype(int).astype(str) + "x" + lbl["y"].astype(int).astype(str)
-        lbl_map = pd.Series(lbl["label"].to_numpy(), index=key)
+        lbl_map = pd.Series(lbl["label"].to_numpy(), index=_spot_key(lbl))
         lbl_map = lbl_map[~lbl_map.index.duplicated()]
         obs["label_id"] = pd.array(lbl_map.reindex(shared).to_numpy(), dtype="Int64")
     else:
@@ -173,12 +177,14 @@ def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str
     X = sparse.csr_matrix(counts.to_numpy().astype(np.int32))
     table = AnnData(X=X, obs=obs, var=pd.DataFrame(index=counts.columns.astype(str)))
     table.var_names_make_unique()
-    table.obsm["spatial"] = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+    xy = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+    table.obsm["spatial"] = xy
     table.uns["her2st"] = {"section": sid, "patient": patient, "image_file": image_path.name}
 
     Image.MAX_IMAGE_PIXELS = None
     with Image.open(image_path) as img:
-        rgb = np.asarray(img.convert("RGB"))
+        pil = img.convert("RGB")
+    rgb = np.asarray(pil)
     arr = da.from_array(np.moveaxis(rgb, -1, 0), chunks=(3, 1024, 1024))
     cs = sid
     image = Image2DModel.parse(
@@ -186,14 +192,13 @@ def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str
     )
     # spatialdata builds the coarser levels as lazy coarsenings of level 0, recomputed at every read; the
     # decoded JPEG is in memory anyway, so compute each level once with PIL's box filter instead.
-    pil = Image.fromarray(rgb)
     for k in range(1, 4):
         node = image[f"scale{k}"]["image"]
         small = np.asarray(pil.resize((node.sizes["x"], node.sizes["y"]), Image.Resampling.BOX))
         node.data = da.from_array(np.moveaxis(small, -1, 0), chunks=(3, 1024, 1024))
     circles = GeoDataFrame(
         {"radius": np.full(len(shared), SPOT_DIAMETER_UM / 2 / mpp)},
-        geometry=[Point(x, y) for x, y in spots[["pixel_x", "pixel_y"]].to_numpy(float)],
+        geometry=[Point(x, y) for x, y in xy],
         index=obs["spot_id"].to_numpy(),
     )
     shapes = ShapesModel.parse(circles, transformations={cs: Identity()})

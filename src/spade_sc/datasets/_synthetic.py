@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._sdata import set_microns_per_unit
+from .._sdata import ATTRS_KEY, set_microns_per_unit
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -293,20 +293,20 @@ def synthetic(
     for i, layout in enumerate(slides_layout):
         name = f"slide{i}"
         organ = organs[i % len(organs)]
-        levels = [1]
-        while image_size // (levels[-1] * 2) >= 512:
-            levels.append(levels[-1] * 2)
+        n_levels = 1
+        while image_size // (2**n_levels) >= 512:
+            n_levels += 1
         level0 = _lazy_level(layout, image_size, SYNTHETIC_MPP, chunk_size)
         image = Image2DModel.parse(
             level0,
             dims=("c", "y", "x"),
             c_coords=["r", "g", "b"],
-            scale_factors=[2] * (len(levels) - 1) or None,
+            scale_factors=[2] * (n_levels - 1) or None,
             transformations={name: Identity()},
             chunks=(3, chunk_size, chunk_size),  # keep the render blocks: smaller chunks would re-render each block
         )
         if isinstance(image, xr.DataTree):
-            for k in range(1, len(levels)):
+            for k in range(1, n_levels):
                 node = image[f"scale{k}"]["image"]
                 size = node.sizes["y"]
                 node.data = _lazy_level(layout, size, SYNTHETIC_MPP * image_size / size, chunk_size)
@@ -353,7 +353,7 @@ def synthetic(
             }
         sdata = SpatialData(**elements)
         set_microns_per_unit(sdata, name, SYNTHETIC_MPP)
-        sdata.attrs["spade_sc"]["slide"] = {
+        sdata.attrs[ATTRS_KEY]["slide"] = {
             "organ": organ,
             "tumour_fraction": fractions[i],
             "label": int(fractions[i] > threshold),
@@ -379,7 +379,7 @@ def synthetic_regions(sdata: SpatialData, xy: np.ndarray) -> np.ndarray:
     numpy.ndarray
         (N,) array of region type names.
     """
-    info = sdata.attrs.get("spade_sc", {}).get("slide", {})
+    info = sdata.attrs.get(ATTRS_KEY, {}).get("slide", {})
     if "region_centres_px" not in info:
         msg = "This SpatialData was not made by spade_sc.datasets.synthetic (no attrs['spade_sc']['slide'])."
         raise ValueError(msg)

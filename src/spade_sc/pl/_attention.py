@@ -74,7 +74,7 @@ def _tile_boxes(sdata: SpatialData, table: Any, tiles_key: str, image_key: str) 
 
 def _thumbnail(sdata: SpatialData, image_key: str, side: int) -> tuple[np.ndarray, float, float]:
     """RGB uint8 (h, w, 3) thumbnail from a coarse level and its (sy, sx) level-0 pixels per thumbnail pixel."""
-    from ..pp._features import rgb_channels, value_scale
+    from ..pp._features import read_level_rgb, rgb_channels, value_scale
 
     levels = image_levels(sdata.images[image_key])
     rgb = rgb_channels(levels[0], image_key)
@@ -82,17 +82,8 @@ def _thumbnail(sdata: SpatialData, image_key: str, side: int) -> tuple[np.ndarra
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
     big = [lv for lv in levels if max(lv.sizes["y"], lv.sizes["x"]) >= side]
     level = big[-1] if big else levels[0]
-    data = level.data[rgb]
     factor = max(1, int(max(level.sizes["y"], level.sizes["x"]) // (2 * side)))
-    if factor > 1:
-        import dask.array as da
-
-        if not hasattr(data, "dask"):
-            data = da.from_array(np.asarray(data))
-        hh, ww = data.shape[1] // factor * factor, data.shape[2] // factor * factor
-        data = da.coarsen(np.mean, data[:, :hh, :ww].astype(np.float32), {1: factor, 2: factor}, trim_excess=True)
-    arr = np.asarray(data.compute() if hasattr(data, "compute") else data, dtype=np.float32) * scale
-    arr = np.nan_to_num(arr, nan=255.0).clip(0, 255).astype(np.uint8)
+    arr = read_level_rgb(level, rgb, scale, factor, align_chunks=False).astype(np.uint8)
     thumb = np.moveaxis(arr, 0, -1)
     return thumb, h0 / thumb.shape[0], w0 / thumb.shape[1]
 
@@ -316,8 +307,8 @@ def top_patches(
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from .._sdata import image_pixel_size, level_downsample
-    from ..pp._features import FILL, choose_level, rgb_channels, value_scale
+    from .._sdata import image_pixel_size, level_mpp
+    from ..pp._features import LevelReader, choose_level, rgb_channels, value_scale
 
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         msg = f"n must be a positive integer, got {n!r}."
@@ -348,10 +339,9 @@ def top_patches(
         except ValueError:
             p0 = None
         if p0 is not None:
-            level = choose_level([p0 * d for d in level_downsample(levels)], float(mpp))
+            level = choose_level(level_mpp(levels, p0), float(mpp))
     lv = levels[level]
     ky, kx = levels[0].sizes["y"] / lv.sizes["y"], levels[0].sizes["x"] / lv.sizes["x"]
-    h, w = int(lv.sizes["y"]), int(lv.sizes["x"])
 
     if ax is None:
         ncols = int(min(ncols, n))
@@ -364,18 +354,16 @@ def top_patches(
             msg = f"top_patches draws one Axes per tile: pass at least n={n} Axes (got {axes.size})."
             raise ValueError(msg)
     flat = axes.ravel()
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
+    windows = [
+        (int(np.floor(y0 / ky)), int(np.ceil(y1 / ky)), int(np.floor(x0 / kx)), int(np.ceil(x1 / kx)))
+        for x0, y0, x1, y1 in boxes
+    ]
+    data = lv.data
+    if np.dtype(data.dtype).kind == "f":  # the gallery scales float images in float32, not in their own dtype
+        data = data.astype(np.float32, copy=False)
+    for i, win in enumerate(LevelReader(data, rgb, scale).read(windows)):
         ax_i = flat[i]
-        r0, r1 = int(np.floor(y0 / ky)), int(np.ceil(y1 / ky))
-        c0, c1 = int(np.floor(x0 / kx)), int(np.ceil(x1 / kx))
-        patch = np.full((r1 - r0, c1 - c0, 3), FILL, dtype=np.uint8)
-        cr0, cr1, cc0, cc1 = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
-        if cr1 > cr0 and cc1 > cc0:
-            block = lv.data[:, cr0:cr1, cc0:cc1]
-            block = np.asarray(block.compute() if hasattr(block, "compute") else block)[rgb]
-            block = np.nan_to_num(block.astype(np.float32) * scale, nan=FILL).clip(0, 255).astype(np.uint8)
-            patch[cr0 - r0 : cr1 - r0, cc0 - c0 : cc1 - c0] = np.moveaxis(block, 0, -1)
-        ax_i.imshow(patch)
+        ax_i.imshow(np.moveaxis(win, 0, -1).astype(np.uint8))
         ax_i.set_title(f"{values[top[i]]:.3g}", fontsize=8)
         ax_i.set_axis_off()
     for ax_i in flat[n:]:

@@ -35,7 +35,7 @@ import numpy as np
 from .._sdata import (
     image_levels,
     image_pixel_size,
-    level_downsample,
+    level_mpp,
     resolve_key,
     resolve_table,
     shared_coordinate_system,
@@ -120,6 +120,32 @@ def value_scale(levels: Sequence[xr.DataArray], image_key: str) -> float:
         return 255.0 if top <= 1.0 else 1.0
     msg = f"Image {image_key!r} has dtype {dtype}; uint8, uint16 or float RGB values are expected."
     raise ValueError(msg)
+
+
+def read_level_rgb(
+    level: xr.DataArray, rgb: Sequence[int], scale: float, factor: int, *, align_chunks: bool = True
+) -> np.ndarray:
+    """Float32 (3, h, w) RGB in 0..255 of a whole image level, block-averaged by ``factor`` (NaN -> 255).
+
+    With ``factor > 1`` the level is cropped to a multiple of ``factor`` and averaged lazily, chunk by chunk; with
+    ``align_chunks`` its chunks are first made multiples of ``factor`` (otherwise dask aligns them itself, which
+    can change float sums in the last bits).
+    """
+    data = level.data[rgb]
+    if factor > 1:
+        import dask.array as da
+
+        if not hasattr(data, "dask"):
+            data = da.from_array(np.asarray(data))
+        h, w = data.shape[1] // factor * factor, data.shape[2] // factor * factor
+        data = data[:, :h, :w].astype(np.float32)
+        if align_chunks:
+            cy = max(factor, data.chunksize[1] // factor * factor)
+            cx = max(factor, data.chunksize[2] // factor * factor)
+            data = data.rechunk((3, cy, cx))
+        data = da.coarsen(np.mean, data, {1: factor, 2: factor})
+    out = np.asarray(data.compute() if hasattr(data, "compute") else data, dtype=np.float32) * scale
+    return np.nan_to_num(out, nan=255.0).clip(0, 255)
 
 
 def choose_level(level_mpp: Sequence[float], target: float, tolerance: float = LEVEL_TOLERANCE) -> int:
@@ -626,9 +652,8 @@ def image_features(
         raise ValueError(msg)
 
     # ---- level --------------------------------------------------------------------------------------------------
-    down = level_downsample(levels)
-    level_mpp = [p0 * d for d in down]
-    level = choose_level(level_mpp, mpp)
+    mpps = level_mpp(levels, p0)
+    level = choose_level(mpps, mpp)
     lv = levels[level]
     ky = h0 / lv.sizes["y"]
     kx = w0 / lv.sizes["x"]
@@ -640,7 +665,7 @@ def image_features(
 
     enc = get_encoder(encoder, device=device)
     key = key_added or f"X_{enc.name}"
-    if key in table.obsm and not overwrite:
+    if not key_added and key in table.obsm and not overwrite:  # a given key_added was checked above
         msg = f"tables[{table_key!r}].obsm[{key!r}] exists; pass overwrite=True to replace it."
         raise ValueError(msg)
     logger.info(
@@ -649,7 +674,7 @@ def image_features(
         patch_size,
         mpp,
         level,
-        level_mpp[level],
+        mpps[level],
         image_key,
         enc.name,
     )
@@ -675,7 +700,7 @@ def image_features(
         "mpp": mpp,
         "patch_size": patch_size,
         "level": int(level),
-        "level_mpp": float(level_mpp[level]),
+        "level_mpp": float(mpps[level]),
         "image_mpp": float(p0),
         "image_key": image_key,
         "shapes_key": shapes_key,

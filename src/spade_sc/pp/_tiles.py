@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import image_levels, image_pixel_size, level_downsample, resolve_key
-from ._features import choose_level, rgb_channels, value_scale
+from .._sdata import image_levels, image_pixel_size, level_mpp, resolve_key
+from ._features import choose_level, read_level_rgb, rgb_channels, value_scale
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import xarray as xr
     from spatialdata import SpatialData
 
 logger = logging.getLogger("spade_sc")
@@ -54,15 +57,15 @@ def _remove_small(mask: np.ndarray, size: int, *, holes: bool) -> np.ndarray:
         return func(mask, **{kw: size + 1})
 
 
-def _mask_level(level_mpp: list[float], sizes: list[tuple[int, int]], tile_um: float) -> tuple[int, int, float]:
-    """(level, integer block-average factor, target um/px) for the tissue mask."""
+def _mask_level(level_mpp: list[float], sizes: list[tuple[int, int]], tile_um: float) -> tuple[int, int]:
+    """(level, integer block-average factor) for the tissue mask."""
     p0 = level_mpp[0]
     long_um = max(sizes[0]) * p0
     target = min(MASK_MAX_UM, tile_um / MASK_PX_PER_TILE, long_um / MASK_MIN_SIDE)
     target = max(target, long_um / MASK_MAX_SIDE, p0)
     level = choose_level(level_mpp, target)
     factor = max(1, math.floor(target / level_mpp[level] + 1e-9))
-    return level, factor, target
+    return level, factor
 
 
 def tissue_mask(
@@ -100,30 +103,23 @@ def tissue_mask(
     ``scale`` ((y, x) level-0 pixels per mask pixel), ``threshold`` (saturation), ``texture_threshold`` and
     ``tissue_fraction`` (of the whole image).
     """
-    from scipy import ndimage
-
     image_key = resolve_key(sdata, "images", image_key)
     levels = image_levels(sdata.images[image_key])
     rgb = rgb_channels(levels[0], image_key)
     scale = value_scale(levels, image_key)
     p0 = image_pixel_size(sdata, image_key, image_mpp=image_mpp)
-    down = level_downsample(levels)
-    level_mpp = [p0 * d for d in down]
-    sizes = [(int(lv.sizes["y"]), int(lv.sizes["x"])) for lv in levels]
-    level, factor, _ = _mask_level(level_mpp, sizes, tile_um)
-    data = levels[level].data[rgb]
-    if factor > 1:
-        import dask.array as da
+    return _tissue_mask(levels, p0, rgb, scale, tile_um)
 
-        if not hasattr(data, "dask"):
-            data = da.from_array(np.asarray(data))
-        h, w = data.shape[1] // factor * factor, data.shape[2] // factor * factor
-        data = data[:, :h, :w]
-        cy = max(factor, data.chunksize[1] // factor * factor)
-        cx = max(factor, data.chunksize[2] // factor * factor)
-        data = da.coarsen(np.mean, data.astype(np.float32).rechunk((3, cy, cx)), {1: factor, 2: factor})
-    rgb_img = np.asarray(data.compute() if hasattr(data, "compute") else data, dtype=np.float32) * scale
-    rgb_img = np.nan_to_num(rgb_img, nan=255.0).clip(0, 255)
+
+def _tissue_mask(
+    levels: Sequence[xr.DataArray], p0: float, rgb: Sequence[int], scale: float, tile_um: float
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`tissue_mask` of checked image levels with level-0 pixel size ``p0``."""
+    from scipy import ndimage
+
+    sizes = [(int(lv.sizes["y"]), int(lv.sizes["x"])) for lv in levels]
+    level, factor = _mask_level(level_mpp(levels, p0), sizes, tile_um)
+    rgb_img = read_level_rgb(levels[level], rgb, scale, factor)
     hi = rgb_img.max(axis=0)
     lo = rgb_img.min(axis=0)
     sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)
@@ -277,7 +273,9 @@ def tile_tissue(
     levels = image_levels(sdata.images[image_key])
     p0 = image_pixel_size(sdata, image_key, image_mpp=image_mpp)
     tile_um = tile_size * mpp
-    mask, info = tissue_mask(sdata, image_key=image_key, tile_um=tile_um, image_mpp=image_mpp)
+    rgb = rgb_channels(levels[0], image_key)
+    scale = value_scale(levels, image_key)
+    mask, info = _tissue_mask(levels, p0, rgb, scale, tile_um)
 
     # ---- grid -----------------------------------------------------------------------------------------------------
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
