@@ -1,6 +1,10 @@
 """spade_sc: SPADE (mixture of data experts aligning H&E features with spatial transcriptomics) for scverse."""
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from . import datasets, pl, pp, tl
 
@@ -9,4 +13,18 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["datasets", "pl", "pp", "tl"]
+#: Subpackages that import torch: reached as ``spade_sc.encoders`` / ``spade_sc.model`` on first use (PEP 562).
+_LAZY = ("encoders", "model")
+
+__all__ = ["datasets", "encoders", "model", "pl", "pp", "tl"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

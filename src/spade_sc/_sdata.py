@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ._constants import Keys
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -24,8 +27,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("spade_sc")
 
-ATTRS_KEY = "spade_sc"
-MPU_KEY = "microns_per_unit"
+ATTRS_KEY = Keys.ATTRS
+MPU_KEY = Keys.MICRONS_PER_UNIT
 _KINDS = ("images", "shapes", "tables", "labels", "points")
 
 
@@ -171,23 +174,119 @@ def image_pixel_size(
     raise ValueError(msg)
 
 
-def image_levels(image: Any) -> list[xr.DataArray]:
-    """The pyramid levels (finest first) of a single- or multiscale image element."""
-    import xarray as xr
+# --------------------------------------------------------------------------------------------------------------------
+# spots: which table, which shapes, which row is which shape; their features
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spots:
+    """The spots (or tiles) of one slide: a shapes element and the table annotating it, both checked."""
 
-    if isinstance(image, xr.DataArray):
-        return [image]
-    levels = []
-    for name in sorted(image.keys(), key=lambda s: int(s.replace("scale", "") or 0)):
-        node = image[name]
-        levels.append(next(iter(node.data_vars.values())) if hasattr(node, "data_vars") else node)
-    return levels
+    sdata: SpatialData
+    table_key: str
+    shapes_key: str
+
+    @property
+    def table(self) -> AnnData:
+        """The table annotating the shapes."""
+        return self.sdata.tables[self.table_key]
+
+    @property
+    def shapes(self) -> Any:
+        """The shapes element (GeoDataFrame)."""
+        return self.sdata.shapes[self.shapes_key]
+
+    def instances(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of the table annotating the shapes, position in the shapes of each of those rows)."""
+        return rows_to_shapes(self.table, self.table_key, self.shapes, self.shapes_key)
 
 
-def level_mpp(levels: Sequence[xr.DataArray], p0: float) -> list[float]:
-    """Micrometres per pixel of each level, from ``p0`` (level 0) and its downsampling (mean over y and x)."""
-    h0, w0 = levels[0].sizes["y"], levels[0].sizes["x"]
-    return [p0 * float(np.mean([h0 / lv.sizes["y"], w0 / lv.sizes["x"]])) for lv in levels]
+def resolve_spots(sdata: SpatialData, table_key: str | None = None, shapes_key: str | None = None) -> Spots:
+    """The spots of a slide: ``shapes_key`` and the table annotating it, each found when it is the only candidate.
+
+    With ``table_key`` alone, the shapes are the one region that table annotates.
+    """
+    if shapes_key is None and table_key is not None:
+        table = sdata.tables[resolve_key(sdata, "tables", table_key)]
+        regions = table_region(table)[0] if "spatialdata_attrs" in table.uns else []
+        if len(regions) != 1:
+            msg = f"Table {table_key!r} annotates the regions {regions}: pass shapes_key= to choose one."
+            raise ValueError(msg)
+        shapes_key = regions[0]
+    shapes_key = resolve_key(sdata, "shapes", shapes_key)
+    return Spots(sdata, resolve_table(sdata, table_key, shapes_key), shapes_key)
+
+
+def features_matrix(
+    table: AnnData, key: str, *, where: str, dim: int | None = None, expected: str = "", hint: str = ""
+) -> np.ndarray:
+    """The (n, d) float32 features ``table.obsm[key]``, checked: present, 2-D and non-empty, ``dim`` wide, finite.
+
+    ``where`` starts every message (the slide and table); ``expected`` says where ``dim`` comes from; ``hint`` says
+    how to compute missing features.
+    """
+    if key not in table.obsm:
+        msg = f"{where}: obsm[{key!r}] is missing (present: {sorted(table.obsm)}).{' ' + hint if hint else ''}"
+        raise KeyError(msg)
+    x = np.asarray(table.obsm[key], dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        msg = f"{where}: obsm[{key!r}] has shape {x.shape}; a non-empty (n, d) matrix is expected."
+        raise ValueError(msg)
+    if dim is not None and x.shape[1] != dim:
+        msg = f"{where}: obsm[{key!r}] has shape {x.shape}, but {expected or 'the caller'} takes {dim}-d features."
+        raise ValueError(msg)
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        msg = f"{where}: obsm[{key!r}] holds NaN or infinite values in {int(bad.sum())} of {len(x)} rows."
+        raise ValueError(msg)
+    return x
+
+
+def shape_centres(shapes: Any, shapes_key: str) -> np.ndarray:
+    """(N, 2) intrinsic (x, y) centres: circle centres or polygon centroids."""
+    import shapely
+
+    geoms = np.asarray(shapes.geometry.values)
+    types = set(shapely.get_type_id(geoms).tolist())
+    allowed = {0, 3, 6}  # Point, Polygon, MultiPolygon
+    if not types <= allowed:
+        names = sorted({shapely.get_type_id(g) for g in geoms} - allowed)
+        msg = f"Shapes {shapes_key!r} hold geometries of type ids {names}; circles (points) or polygons are expected."
+        raise ValueError(msg)
+    cent = shapely.centroid(geoms)
+    xy = np.stack([shapely.get_x(cent), shapely.get_y(cent)], axis=1).astype(float)
+    if not np.isfinite(xy).all():
+        msg = f"Shapes {shapes_key!r} hold {int((~np.isfinite(xy).all(1)).sum())} empty or invalid geometries."
+        raise ValueError(msg)
+    return xy
+
+
+def rows_to_shapes(table: Any, table_key: str, shapes: Any, shapes_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of the table annotating ``shapes_key``, position in ``shapes`` of each of those rows)."""
+    import pandas as pd
+
+    _, region_key, instance_key = table_region(table)
+    rows = np.flatnonzero((table.obs[region_key].astype(str) == shapes_key).to_numpy())
+    if len(rows) == 0:
+        msg = f"Table {table_key!r} has no rows for region {shapes_key!r} (column {region_key!r})."
+        raise ValueError(msg)
+    index = shapes.index
+    if not index.is_unique:
+        msg = f"The index of shapes {shapes_key!r} has duplicated values; instances must be unique."
+        raise ValueError(msg)
+    ids = table.obs[instance_key].to_numpy()[rows]
+    pos = index.get_indexer(pd.Index(ids))
+    if (pos < 0).any():
+        alt = pd.Index(index.astype(str)).get_indexer(pd.Index(pd.Index(ids).astype(str)))
+        if (alt >= 0).all():
+            pos = alt
+    missing = pos < 0
+    if missing.any():
+        msg = (
+            f"{int(missing.sum())} row(s) of table {table_key!r} refer to instances absent from shapes {shapes_key!r} "
+            f"(obs[{instance_key!r}] values {list(ids[missing][:5])}...; shapes index like {list(index[:5])})."
+        )
+        raise ValueError(msg)
+    return rows, pos
 
 
 def as_cohort(cohort: SpatialData | Mapping[str, SpatialData] | Sequence[SpatialData]) -> dict[str, SpatialData]:

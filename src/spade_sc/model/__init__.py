@@ -1,34 +1,51 @@
-"""Torch / Lightning modules of SPADE: data experts, contrastive losses, routing, sampler and gated ABMIL.
+"""The SPADE model, apart from AnnData / SpatialData: model objects, their file format and the torch modules.
 
-This subpackage works on plain tensors only (no AnnData / SpatialData).
+- Model objects (scvi-tools' ``model/``): :class:`SpadeModel` (mixture of data experts), :class:`MILModel`
+  (gated attention MIL), :class:`DataExperts` (two-step k-means), saved as folders of ``model.safetensors`` +
+  ``config.json`` (no pickle).
+- Torch and Lightning modules on plain tensors: projection heads, batched experts, contrastive losses, routing,
+  the single-expert batch sampler, gated ABMIL and the Lightning modules that train them.
+
+Names are imported on first use (PEP 562), so ``import spade_sc`` does not import torch.
 """
 
-from ._experts import BatchedExperts, BatchedProjectionHead, ExpertHeads
-from ._heads import ProjectionHead
-from ._lightning import PairsDataModule, PairsDataset, SpadeLightningModule, make_dataloader
-from ._losses import InfoNCELoss, SoftCLIPLoss, make_loss, soft_clip_loss
-from ._mil import GatedABMIL, discrete_time_nll, risk_from_hazards
-from ._routing import ROUTING_MODES, mixture_embed, route
-from ._sampler import ExpertBatchSampler
+from __future__ import annotations
 
-__all__ = [
-    "ROUTING_MODES",
-    "BatchedExperts",
-    "BatchedProjectionHead",
-    "ExpertBatchSampler",
-    "ExpertHeads",
-    "GatedABMIL",
-    "InfoNCELoss",
-    "PairsDataModule",
-    "PairsDataset",
-    "ProjectionHead",
-    "SoftCLIPLoss",
-    "SpadeLightningModule",
-    "discrete_time_nll",
-    "make_dataloader",
-    "make_loss",
-    "mixture_embed",
-    "risk_from_hazards",
-    "route",
-    "soft_clip_loss",
-]
+import importlib
+from typing import Any
+
+#: Public name -> private module defining it.
+_EXPORTS = {
+    "BatchedExperts": "_experts",
+    "BatchedProjectionHead": "_experts",
+    "ExpertHeads": "_experts",
+    "ProjectionHead": "_heads",
+    "PairsDataModule": "_lightning",
+    "PairsDataset": "_lightning",
+    "SpadeLightningModule": "_lightning",
+    "make_dataloader": "_lightning",
+    "InfoNCELoss": "_losses",
+    "SoftCLIPLoss": "_losses",
+    "make_loss": "_losses",
+    "soft_clip_loss": "_losses",
+    "GatedABMIL": "_mil",
+    "discrete_time_nll": "_mil",
+    "risk_from_hazards": "_mil",
+    "ROUTING_MODES": "_routing",
+    "mixture_embed": "_routing",
+    "route": "_routing",
+    "ExpertBatchSampler": "_sampler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -219,7 +219,8 @@ class SpadeLightningModule(L.LightningModule):
         The mixture of data experts to train (stored as ``self.experts``; state dict prefix ``experts.``).
     loss
         ``"soft_clip"`` (BLEEP soft targets, fixed ``temperature``) or ``"infonce"`` (learnable temperature,
-        a parameter ``loss_fn.logit_scale`` of this module).
+        a parameter ``loss_fn.logit_scale`` of this module), or a loss module to train as it is (e.g. the
+        ``loss_module`` of a :class:`~spade_sc.model.SpadeModel`, whose parameters then come back trained).
     lr
         AdamW learning rate.
     weight_decay
@@ -255,7 +256,7 @@ class SpadeLightningModule(L.LightningModule):
     def __init__(
         self,
         experts: BatchedExperts,
-        loss: str = "soft_clip",
+        loss: str | torch.nn.Module = "soft_clip",
         lr: float = 1e-4,
         weight_decay: float = 1e-2,
         max_epochs: int = 100,
@@ -276,9 +277,12 @@ class SpadeLightningModule(L.LightningModule):
         if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
             msg = f"`max_epochs` must be a positive integer, got {max_epochs!r}."
             raise ValueError(msg)
-        self.save_hyperparameters(ignore=["experts"])
+        self.save_hyperparameters(ignore=["experts", "loss"])
         self.experts = experts
-        self.loss_fn = make_loss(loss, temperature=temperature, init_temperature=init_temperature)
+        if isinstance(loss, torch.nn.Module):
+            self.loss_fn = loss
+        else:
+            self.loss_fn = make_loss(loss, temperature=temperature, init_temperature=init_temperature)
         self.register_buffer("loss_history", torch.full((max_epochs, 2), float("nan")))
         self.register_buffer("best_epoch_loss", torch.full((2,), float("nan")))
         self._best_state: dict[str, dict[str, torch.Tensor]] | None = None

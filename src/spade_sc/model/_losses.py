@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._constants import LOSSES
+from .._validation import check_choice
 from ._groups import Groups, check_expert_idx
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["InfoNCELoss", "SoftCLIPLoss", "make_loss", "soft_clip_loss"]
 
-LOSSES = ("soft_clip", "infonce")
 
 
 def _check_pair(image_emb: torch.Tensor, gene_emb: torch.Tensor) -> None:
@@ -259,9 +260,5 @@ def make_loss(name: str = "soft_clip", *, temperature: float = 1.0, init_tempera
         Module called as ``loss(image_emb, gene_emb)`` or ``loss(image_emb, gene_emb, expert_idx)`` (loss within
         each expert's rows, row-weighted mean over experts).
     """
-    if name == "soft_clip":
-        return SoftCLIPLoss(temperature)
-    if name == "infonce":
-        return InfoNCELoss(init_temperature)
-    msg = f"`name` must be one of {LOSSES}, got {name!r}."
-    raise ValueError(msg)
+    check_choice(name, "name", LOSSES)
+    return SoftCLIPLoss(temperature) if name == "soft_clip" else InfoNCELoss(init_temperature)

@@ -14,7 +14,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import image_levels, resolve_key, shared_coordinate_system, to_pixels_matrix
+from .._image import (
+    LevelReader,
+    choose_level,
+    image_levels,
+    level_mpp,
+    read_level_rgb,
+    rgb_channels,
+    value_scale,
+)
+from .._sdata import (
+    image_pixel_size,
+    resolve_key,
+    rows_to_shapes,
+    shared_coordinate_system,
+    to_pixels_matrix,
+)
 from ._spatial import WRITERS, finish, shapes_with_column
 
 if TYPE_CHECKING:
@@ -51,8 +66,6 @@ def _tile_boxes(sdata: SpatialData, table: Any, tiles_key: str, image_key: str) 
     """(n_rows, 4) level-0 pixel boxes ``x0, y0, x1, y1`` of the tiles of every table row (table order)."""
     import shapely
 
-    from ..pp._features import rows_to_shapes
-
     shapes = sdata.shapes[tiles_key]
     rows, pos = rows_to_shapes(table, "tiles table", shapes, tiles_key)
     if len(rows) != table.n_obs:
@@ -74,7 +87,6 @@ def _tile_boxes(sdata: SpatialData, table: Any, tiles_key: str, image_key: str) 
 
 def _thumbnail(sdata: SpatialData, image_key: str, side: int) -> tuple[np.ndarray, float, float]:
     """RGB uint8 (h, w, 3) thumbnail from a coarse level and its (sy, sx) level-0 pixels per thumbnail pixel."""
-    from ..pp._features import read_level_rgb, rgb_channels, value_scale
 
     levels = image_levels(sdata.images[image_key])
     rgb = rgb_channels(levels[0], image_key)
@@ -307,8 +319,6 @@ def top_patches(
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from .._sdata import image_pixel_size, level_mpp
-    from ..pp._features import LevelReader, choose_level, rgb_channels, value_scale
 
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         msg = f"n must be a positive integer, got {n!r}."

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._sdata import image_levels, image_pixel_size, level_mpp, resolve_key
-from ._features import choose_level, read_level_rgb, rgb_channels, value_scale
+from .._image import choose_level, image_levels, level_mpp, read_level_rgb, rgb_channels, value_scale
+from .._sdata import image_pixel_size, resolve_key
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
+from ..model._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
 from .._sdata import as_cohort
-from .._trainer import default_trainer_kwargs, quiet_lightning, torch_state
+from ..model._trainer import default_trainer_kwargs, quiet_lightning, torch_state
 from ._slides import SPADE_KEY, labels_frame, require_tiles, tile_features
 
 if TYPE_CHECKING:

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
-from .._sdata import as_cohort, resolve_key, resolve_table, table_region
-from .._trainer import default_trainer_kwargs, quiet_lightning, torch_state
+from ..model._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
+from .._sdata import as_cohort, features_matrix, resolve_key, resolve_table, table_region
+from ..pp import gene_matrix
+from ..model._trainer import default_trainer_kwargs, quiet_lightning, torch_state
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -463,7 +464,23 @@ class SpadeModel:
         return model
 
 
-# ---------------------------------------------------------------------- helpers for fit / embed
+# ---------------------------------------------------------------------- helpers for fit / embed (and evaluate)
+def model_features(model: SpadeModel, table: AnnData, *, where: str, features_key: str | None = None) -> np.ndarray:
+    """The features of ``table`` that ``model`` takes (its ``features_key`` by default), checked against its size."""
+    return features_matrix(
+        table,
+        features_key or model.features_key,
+        where=where,
+        dim=model.init_params_["image_dim"],
+        expected=f"the model (trained on {model.features_key!r})",
+    )
+
+
+def model_gene_input(model: SpadeModel, table: AnnData) -> np.ndarray:
+    """The model's gene input for every row of ``table`` (its panel genes, by name)."""
+    return gene_matrix(table, model.genes, gene_input=model.init_params_["gene_input"])
+
+
 def _check_choices(**values: str) -> None:
     """Raise a ValueError naming the first argument whose value is not one of its allowed choices."""
     allowed = {"gene_input": GENE_INPUTS, "loss": LOSSES, "routing": ROUTINGS}

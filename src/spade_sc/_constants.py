@@ -1,0 +1,82 @@
+"""The vocabulary of spade_sc: every key it writes and every choice it offers, named once.
+
+Every module imports these names instead of spelling the strings; :data:`WRITERS` tells the plotting functions
+which call writes a key, so that their "missing key" messages point at the right tool.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GENE_INPUTS", "LOSSES", "MIL_TASKS", "ROUTINGS", "WRITERS", "Keys"]
+
+
+class Keys:
+    """Names of what spade_sc writes into a SpatialData (see ``docs/conventions.md``)."""
+
+    #: ``sdata.attrs`` entry holding spade_sc's slide-level records (pixel sizes, slide labels).
+    ATTRS = "spade_sc"
+    #: ``sdata.attrs["spade_sc"]`` entry: micrometres per unit of each coordinate system.
+    MICRONS_PER_UNIT = "microns_per_unit"
+    #: ``sdata.attrs["spade_sc"]`` entry: slide-level labels (e.g. the tissue of a slide).
+    SLIDE = "slide"
+    #: ``obsm``: the SPADE embedding.
+    SPADE = "X_spade"
+    #: ``obs``: the data expert of each spot or tile (categorical).
+    EXPERT = "spade_expert"
+    #: ``obsm``: routing weights over the experts.
+    ROUTING = "spade_routing"
+    #: ``obs``: entropy of the routing weights.
+    ROUTING_ENTROPY = "spade_routing_entropy"
+    #: ``uns``: provenance of an embedding (parameters, gene panel, fingerprint, versions).
+    PROVENANCE = "spade"
+    #: ``uns``: the gene panel of :func:`spade_sc.pp.gene_panel`.
+    PANEL = "spade_panel"
+    #: ``uns``: the data experts of :func:`spade_sc.tl.build_experts`.
+    EXPERTS = "spade_experts"
+    #: ``obs`` of a tiles table: raw attention score of a slide-level model.
+    ATTENTION = "spade_attention"
+    #: ``obs`` of a tiles table: percentile rank of the attention score.
+    ATTENTION_PCT = "spade_attention_pct"
+    #: table (not annotating) of slide-level embeddings.
+    SLIDES = "spade_slides"
+    #: suffix of the shapes element of the tissue tiles of an image.
+    TILES_SUFFIX = "_tiles"
+    #: suffix of the table annotating those tiles (spatialdata forbids a table and shapes of one name).
+    TILES_TABLE_SUFFIX = "_tiles_table"
+
+    @staticmethod
+    def features(encoder_name: str) -> str:
+        """``obsm`` key of the patch features of an encoder: ``"X_<encoder name>"``."""
+        return f"X_{encoder_name}"
+
+    @staticmethod
+    def tiles(image_key: str) -> str:
+        """Shapes key of the tiles of ``image_key``."""
+        return f"{image_key}{Keys.TILES_SUFFIX}"
+
+    @staticmethod
+    def tiles_table(image_key: str) -> str:
+        """Table key of the tiles of ``image_key``."""
+        return f"{image_key}{Keys.TILES_TABLE_SUFFIX}"
+
+    @staticmethod
+    def pct(key: str) -> str:
+        """``obs`` key of the percentile rank written beside the score ``key``."""
+        return f"{key}_pct"
+
+
+#: Routing strategies at inference.
+ROUTINGS = ("soft", "hard", "uniform")
+#: Contrastive losses.
+LOSSES = ("soft_clip", "infonce")
+#: Gene input of the model.
+GENE_INPUTS = ("log1p", "counts")
+#: Slide-level tasks of the MIL models.
+MIL_TASKS = ("classification", "survival")
+
+#: Which public call writes each key (used in the plotting functions' error messages).
+WRITERS = {
+    Keys.EXPERT: "spade_sc.tl.fit / spade_sc.tl.embed / spade_sc.tl.build_experts",
+    Keys.ROUTING_ENTROPY: "spade_sc.tl.fit / spade_sc.tl.embed",
+    Keys.ATTENTION: "spade_sc.tl.attention",
+    Keys.ATTENTION_PCT: "spade_sc.tl.attention",
+}
