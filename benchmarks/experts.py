@@ -69,13 +69,13 @@ def run(n: int, args: argparse.Namespace, minibatch_threshold: int) -> dict:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
-    from spade_sc.tl._experts import _two_step_kmeans
+    from spade_sc.model import DataExperts
 
     t0 = time.perf_counter()
     x, tissue, group = mixture(n, args.dim, args.tissues, args.experts, args.seed, args.separation)
     t_gen = time.perf_counter() - t0
     t0 = time.perf_counter()
-    experts, labels = _two_step_kmeans(
+    experts = DataExperts.fit(
         x,
         tissue,
         n_clusters_per_tissue=args.k,
@@ -83,6 +83,7 @@ def run(n: int, args: argparse.Namespace, minibatch_threshold: int) -> dict:
         seed=args.seed,
         minibatch_threshold=minibatch_threshold,
     )
+    labels = experts.assign(x)
     t_fit = time.perf_counter() - t0
     sub = np.random.default_rng(1).choice(n, min(n, 200_000), replace=False)
     ari = adjusted_rand_score(group[sub], labels[sub])

@@ -176,8 +176,7 @@ def run_lightning(args, image, gene, expert):
     import numpy as np
     import torch
 
-    from spade_sc.tl._experts import DataExperts
-    from spade_sc.tl._spade import SpadeModel
+    from spade_sc.model import DataExperts, SpadeModel
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
     k = args.experts

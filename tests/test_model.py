@@ -827,8 +827,7 @@ def test_lightning_all_experts_per_step_trains_and_is_deterministic():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_spade_model_train_experts_per_step():
-    from spade_sc.tl._experts import DataExperts
-    from spade_sc.tl._spade import SpadeModel
+    from spade_sc.model import DataExperts, SpadeModel
 
     image, gene, expert = (t.numpy() for t in _synthetic(n=192, n_experts=3))
     experts = DataExperts(

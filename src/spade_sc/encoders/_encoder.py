@@ -411,26 +411,106 @@ class Encoder:
         channels_last: bool = False,
         module: nn.Module | None = None,
     ) -> Encoder:
-        """Rebuild an encoder from its :attr:`spec` dict. See :func:`encoder_from_spec`.
+        """Rebuild an encoder from its :attr:`Encoder.spec` dict.
 
         Parameters
         ----------
         spec
             A dict as returned by :attr:`Encoder.spec` (possibly after a JSON round trip).
         device
-            Device of the rebuilt encoder.
+            Device of the rebuilt encoder (``"auto"``: CUDA if available).
         precision
             Autocast precision on CUDA (``None``, ``"bf16"``, ``"fp16"``).
         channels_last
             Channels-last memory format on CUDA.
         module
-            For ``kind="module"`` specs only: the module to wrap again.
+            For specs of ``kind="module"`` only: the module to wrap again (it cannot be rebuilt from the spec).
 
         Returns
         -------
-        The rebuilt encoder.
+        The rebuilt encoder, with the same name, input size, normalisation and weights.
+
+        Raises
+        ------
+        ValueError
+            If the dict is malformed, describes an ``nn.Module`` and ``module`` is not given, or the rebuilt encoder's
+            output dimension differs from the recorded one.
+        FileNotFoundError
+            If the weights file (or ``local-dir`` folder) recorded in the spec no longer exists.
+        RuntimeError
+            If an ``hf-hub`` model cannot be loaded (offline without cache).
         """
-        return encoder_from_spec(spec, device=device, precision=precision, channels_last=channels_last, module=module)
+        if isinstance(spec, cls):
+            return spec
+        if not isinstance(spec, Mapping):
+            msg = f"An encoder spec must be a dict (Encoder.spec), got {type(spec).__name__}."
+            raise TypeError(msg)
+        missing = [k for k in _SPEC_KEYS if k not in spec]
+        if missing:
+            msg = f"Malformed encoder spec, missing keys {missing}: {dict(spec)!r}"
+            raise ValueError(msg)
+        version = spec.get("version", SPEC_VERSION)
+        if version != SPEC_VERSION:
+            msg = f"Encoder spec version {version!r} is not supported (expected {SPEC_VERSION})."
+            raise ValueError(msg)
+        kind = spec["kind"]
+        common = {
+            "device": device,
+            "precision": precision,
+            "channels_last": channels_last,
+            "input_size": spec["input_size"],
+            "mean": spec["mean"],
+            "std": spec["std"],
+            "name": spec["name"],
+        }
+        weights = spec.get("weights")
+        if kind == "module":
+            if module is None:
+                msg = (
+                    f"Encoder {spec['name']!r} was built from a torch.nn.Module ({spec.get('spec')}) and cannot be "
+                    "rebuilt from its spec: pass the module again, e.g. Encoder.from_spec(spec, module=my_module) or "
+                    "get_encoder(my_module, input_size=..., mean=..., std=..., name=...)."
+                )
+                raise ValueError(msg)
+            encoder = get_encoder(module, **common)
+        elif module is not None:
+            msg = f"module= is only used for specs of kind 'module', this spec is of kind {kind!r}."
+            raise ValueError(msg)
+        elif kind == "builtin":
+            encoder = get_encoder(spec.get("spec") or DEFAULT_ENCODER, **common)
+        elif kind in ("timm", "hf-hub", "local-dir"):
+            if kind == "timm" and weights is not None and not Path(weights).is_file():
+                msg = (
+                    f"Encoder spec {spec['name']!r} refers to the weights file {weights!r}, which no longer exists. "
+                    "Restore the file (or edit spec['weights'] to its new location)."
+                )
+                raise FileNotFoundError(msg)
+            if kind == "local-dir" and not Path(str(spec.get("spec"))[len(_LOCAL_DIR_PREFIX) :]).is_dir():
+                msg = (
+                    f"Encoder spec {spec['name']!r} refers to the folder {spec.get('spec')!r}, which no longer "
+                    "exists."
+                )
+                raise FileNotFoundError(msg)
+            if kind == "timm" and weights is None:
+                logger.warning(
+                    "Encoder spec %r has no weights file: the rebuilt %r model is randomly initialised again and will "
+                    "not reproduce the original features.",
+                    spec["name"],
+                    spec["spec"],
+                )
+            encoder = get_encoder(
+                spec["spec"],
+                weights=weights if kind == "timm" else None,
+                model_kwargs=spec.get("model_kwargs") or None,
+                **common,
+            )
+        else:
+            msg = f"Unknown encoder kind {kind!r} in spec; expected one of {SPEC_KINDS}."
+            raise ValueError(msg)
+        if encoder.dim != spec["dim"]:
+            msg = f"Rebuilt encoder {spec['name']!r} has dim {encoder.dim}, but the spec records dim {spec['dim']}."
+            raise ValueError(msg)
+        return encoder
 
     # ----------------------------------------------------------------------------------------------------------------
     def _prepare(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -843,108 +923,5 @@ def _from_local_dir(
 _SPEC_KEYS = ("kind", "input_size", "mean", "std", "dim", "name")
 
 
-def encoder_from_spec(
-    spec: Mapping[str, Any],
-    *,
-    device: str | torch.device = "auto",
-    precision: str | None = None,
-    channels_last: bool = False,
-    module: nn.Module | None = None,
-) -> Encoder:
-    """Rebuild an encoder from its :attr:`Encoder.spec` dict.
-
-    Parameters
-    ----------
-    spec
-        A dict as returned by :attr:`Encoder.spec` (possibly after a JSON round trip).
-    device
-        Device of the rebuilt encoder (``"auto"``: CUDA if available).
-    precision
-        Autocast precision on CUDA (``None``, ``"bf16"``, ``"fp16"``).
-    channels_last
-        Channels-last memory format on CUDA.
-    module
-        For specs of ``kind="module"`` only: the module to wrap again (it cannot be rebuilt from the spec).
-
-    Returns
-    -------
-    The rebuilt encoder, with the same name, input size, normalisation and weights.
-
-    Raises
-    ------
-    ValueError
-        If the dict is malformed, describes an ``nn.Module`` and ``module`` is not given, or the rebuilt encoder's
-        output dimension differs from the recorded one.
-    FileNotFoundError
-        If the weights file (or ``local-dir`` folder) recorded in the spec no longer exists.
-    RuntimeError
-        If an ``hf-hub`` model cannot be loaded (offline without cache).
-    """
-    if isinstance(spec, Encoder):
-        return spec
-    if not isinstance(spec, Mapping):
-        msg = f"An encoder spec must be a dict (Encoder.spec), got {type(spec).__name__}."
-        raise TypeError(msg)
-    missing = [k for k in _SPEC_KEYS if k not in spec]
-    if missing:
-        msg = f"Malformed encoder spec, missing keys {missing}: {dict(spec)!r}"
-        raise ValueError(msg)
-    version = spec.get("version", SPEC_VERSION)
-    if version != SPEC_VERSION:
-        msg = f"Encoder spec version {version!r} is not supported (expected {SPEC_VERSION})."
-        raise ValueError(msg)
-    kind = spec["kind"]
-    common = {
-        "device": device,
-        "precision": precision,
-        "channels_last": channels_last,
-        "input_size": spec["input_size"],
-        "mean": spec["mean"],
-        "std": spec["std"],
-        "name": spec["name"],
-    }
-    weights = spec.get("weights")
-    if kind == "module":
-        if module is None:
-            msg = (
-                f"Encoder {spec['name']!r} was built from a torch.nn.Module ({spec.get('spec')}) and cannot be "
-                "rebuilt from its spec: pass the module again, e.g. Encoder.from_spec(spec, module=my_module) or "
-                "get_encoder(my_module, input_size=..., mean=..., std=..., name=...)."
-            )
-            raise ValueError(msg)
-        encoder = get_encoder(module, **common)
-    elif module is not None:
-        msg = f"module= is only used for specs of kind 'module', this spec is of kind {kind!r}."
-        raise ValueError(msg)
-    elif kind == "builtin":
-        encoder = get_encoder(spec.get("spec") or DEFAULT_ENCODER, **common)
-    elif kind in ("timm", "hf-hub", "local-dir"):
-        if kind == "timm" and weights is not None and not Path(weights).is_file():
-            msg = (
-                f"Encoder spec {spec['name']!r} refers to the weights file {weights!r}, which no longer exists. "
-                "Restore the file (or edit spec['weights'] to its new location)."
-            )
-            raise FileNotFoundError(msg)
-        if kind == "local-dir" and not Path(str(spec.get("spec"))[len(_LOCAL_DIR_PREFIX) :]).is_dir():
-            msg = f"Encoder spec {spec['name']!r} refers to the folder {spec.get('spec')!r}, which no longer exists."
-            raise FileNotFoundError(msg)
-        if kind == "timm" and weights is None:
-            logger.warning(
-                "Encoder spec %r has no weights file: the rebuilt %r model is randomly initialised again and will "
-                "not reproduce the original features.",
-                spec["name"],
-                spec["spec"],
-            )
-        encoder = get_encoder(
-            spec["spec"],
-            weights=weights if kind == "timm" else None,
-            model_kwargs=spec.get("model_kwargs") or None,
-            **common,
-        )
-    else:
-        msg = f"Unknown encoder kind {kind!r} in spec; expected one of {SPEC_KINDS}."
-        raise ValueError(msg)
-    if encoder.dim != spec["dim"]:
-        msg = f"Rebuilt encoder {spec['name']!r} has dim {encoder.dim}, but the spec records dim {spec['dim']}."
-        raise ValueError(msg)
-    return encoder
+#: Rebuild an encoder from its :attr:`Encoder.spec` dict: :meth:`Encoder.from_spec`, also reachable under this name.
+encoder_from_spec = Encoder.from_spec

@@ -16,6 +16,8 @@ from typing import Any
 
 #: Public name -> private module defining it.
 _EXPORTS = {
+    "SpadeModel": "_spade_model",
+    "DataExperts": "_kmeans",
     "BatchedExperts": "_experts",
     "BatchedProjectionHead": "_experts",
     "ExpertHeads": "_experts",

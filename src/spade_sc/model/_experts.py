@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_int
 from ._groups import Groups, check_expert_idx
-from ._heads import ProjectionHead, _check_dropout, _check_positive_int
+from ._heads import ProjectionHead, _check_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,9 @@ class BatchedProjectionHead(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.n_experts = _check_positive_int(n_experts, "n_experts")
-        self.in_dim = _check_positive_int(in_dim, "in_dim")
-        self.proj_dim = _check_positive_int(proj_dim, "proj_dim")
+        self.n_experts = check_int(n_experts, "n_experts")
+        self.in_dim = check_int(in_dim, "in_dim")
+        self.proj_dim = check_int(proj_dim, "proj_dim")
         self.dropout = nn.Dropout(_check_dropout(dropout))
         k, d, p = n_experts, in_dim, proj_dim
         self.projection_weight = nn.Parameter(torch.empty(k, d, p))
@@ -258,10 +259,7 @@ class BatchedProjectionHead(nn.Module):
 
 
 def _check_expert_k(k: int, n_experts: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n_experts:
-        msg = f"`k` must be an integer in [0, {n_experts}), got {k!r}."
-        raise ValueError(msg)
-    return k
+    return check_int(k, "k", low=0, high=n_experts)
 
 
 class BatchedExperts(nn.Module):

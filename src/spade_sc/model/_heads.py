@@ -7,16 +7,11 @@ import logging
 import torch
 from torch import nn
 
+from .._validation import check_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ProjectionHead"]
-
-
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"`{name}` must be a positive integer, got {value!r}."
-        raise ValueError(msg)
-    return value
 
 
 def _check_dropout(value: float, name: str = "dropout") -> float:
@@ -56,8 +51,8 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_dim: int, proj_dim: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
-        self.in_dim = _check_positive_int(in_dim, "in_dim")
-        self.proj_dim = _check_positive_int(proj_dim, "proj_dim")
+        self.in_dim = check_int(in_dim, "in_dim")
+        self.proj_dim = check_int(proj_dim, "proj_dim")
         self.projection = nn.Linear(in_dim, proj_dim)
         self.gelu = nn.GELU()
         self.fc = nn.Linear(proj_dim, proj_dim)

@@ -12,8 +12,10 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
+from .._validation import check_int
 from ._experts import BatchedExperts
 from ._losses import make_loss
+from ._mil import discrete_time_nll
 from ._sampler import ExpertBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -274,9 +276,7 @@ class SpadeLightningModule(L.LightningModule):
         if not weight_decay >= 0:
             msg = f"`weight_decay` must be >= 0, got {weight_decay!r}."
             raise ValueError(msg)
-        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-            msg = f"`max_epochs` must be a positive integer, got {max_epochs!r}."
-            raise ValueError(msg)
+        check_int(max_epochs, "max_epochs")
         self.save_hyperparameters(ignore=["experts", "loss"])
         self.experts = experts
         if isinstance(loss, torch.nn.Module):
@@ -452,3 +452,105 @@ class SpadeLightningModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# slide-level MIL (one bag per step)
+# --------------------------------------------------------------------------------------------------------------------
+def _first(items: list[Any]) -> Any:
+    """Collate of a batch of one bag: the bag itself, no stacking."""
+    return items[0]
+
+
+def make_bag_dataloader(
+    bags: Sequence[np.ndarray], targets: Sequence[Mapping[str, Any]], weights: Any, *, seed: int
+) -> DataLoader:
+    """Loader of one ``(bag, target)`` per step, bags drawn with replacement in proportion to ``weights``.
+
+    Parameters
+    ----------
+    bags
+        Tile features of every bag, ``(n_tiles, d)`` each (already standardised).
+    targets
+        One dict of scalars per bag: ``{"y": class}`` or ``{"bin": time bin, "event": 0/1}``.
+    weights
+        Sampling weight of every bag (e.g. inverse class frequency); an epoch draws ``len(bags)`` bags.
+    seed
+        Seed of the draws.
+
+    Returns
+    -------
+    DataLoader
+        Batches ``(bag (n_tiles, d) float32, {name: tensor})``.
+    """
+    items = [
+        (torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)), {k: torch.tensor(v) for k, v in t.items()})
+        for b, t in zip(bags, targets, strict=True)
+    ]
+    sampler = torch.utils.data.WeightedRandomSampler(
+        torch.as_tensor(np.asarray(weights, dtype=float), dtype=torch.double),
+        num_samples=len(items),
+        replacement=True,
+        generator=torch.Generator().manual_seed(int(seed)),
+    )
+    return DataLoader(items, batch_size=1, sampler=sampler, collate_fn=_first, num_workers=0)
+
+
+class MILLightningModule(L.LightningModule):
+    """Training of a slide-level network on one bag per step: BCE, cross-entropy or discrete-time NLL; AdamW.
+
+    Parameters
+    ----------
+    net
+        The network (:class:`spade_sc.model.GatedABMIL`): ``net(bag) -> (logits, attention scores)``.
+    loss
+        ``"bce"`` (one logit, target ``y``), ``"ce"`` (one logit per class, target ``y``) or ``"nll"``
+        (discrete-time survival, targets ``bin`` and ``event``).
+    lr, weight_decay
+        AdamW.
+
+    Attributes
+    ----------
+    history : list of float
+        Mean training loss of every epoch.
+    """
+
+    LOSSES = ("bce", "ce", "nll")
+
+    def __init__(self, net: torch.nn.Module, *, loss: str, lr: float, weight_decay: float) -> None:
+        super().__init__()
+        if loss not in self.LOSSES:
+            msg = f"loss={loss!r}; choose one of {self.LOSSES}."
+            raise ValueError(msg)
+        self.net = net
+        self.loss_kind = loss
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.history: list[float] = []
+        self._epoch_losses: list[float] = []
+
+    def _loss(self, logits: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss_kind == "bce":
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, target["y"].view(1).float())
+        if self.loss_kind == "ce":
+            return torch.nn.functional.cross_entropy(logits[None], target["y"].view(1).long())
+        return discrete_time_nll(logits[None], target["bin"].view(1).long(), target["event"].view(1).float())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Loss of one bag."""
+        bag, target = batch
+        logits, _ = self.net(bag)
+        loss = self._loss(logits, target)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
+        self._epoch_losses.append(float(loss.detach()))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Record the epoch's mean loss in :attr:`history`."""
+        if self._epoch_losses:
+            self.history.append(float(np.mean(self._epoch_losses)))
+        self._epoch_losses = []
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over all parameters."""
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

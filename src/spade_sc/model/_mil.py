@@ -7,7 +7,8 @@ import logging
 import torch
 from torch import nn
 
-from ._heads import _check_dropout, _check_positive_int
+from .._validation import check_int
+from ._heads import _check_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,10 @@ class GatedABMIL(nn.Module):
         self, in_dim: int, n_classes: int, hidden: int = 512, attention_dim: int = 384, dropout: float = 0.25
     ) -> None:
         super().__init__()
-        self.in_dim = _check_positive_int(in_dim, "in_dim")
-        self.n_classes = _check_positive_int(n_classes, "n_classes")
-        _check_positive_int(hidden, "hidden")
-        _check_positive_int(attention_dim, "attention_dim")
+        self.in_dim = check_int(in_dim, "in_dim")
+        self.n_classes = check_int(n_classes, "n_classes")
+        check_int(hidden, "hidden")
+        check_int(attention_dim, "attention_dim")
         p = _check_dropout(dropout)
         self.fc = nn.Sequential(
             nn.Linear(in_dim, hidden),

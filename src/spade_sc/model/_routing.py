@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from .._constants import ROUTINGS
+from .._validation import check_choice, check_int
+
 if TYPE_CHECKING:
     from ._experts import BatchedExperts
 
@@ -14,15 +17,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ROUTING_MODES", "mixture_embed", "route"]
 
-ROUTING_MODES = ("soft", "hard", "uniform")
+#: The routing strategies (``spade_sc._constants.ROUTINGS``).
+ROUTING_MODES = ROUTINGS
 DEFAULT_CHUNK_SIZE = 4096
-
-
-def _check_chunk_size(chunk_size: int) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        msg = f"`chunk_size` must be a positive integer, got {chunk_size!r}."
-        raise ValueError(msg)
-    return chunk_size
 
 
 def route(
@@ -65,13 +62,9 @@ def route(
     torch.Tensor
         Float tensor ``(N, K)`` whose rows sum to 1, on the device of ``features``.
     """
-    if mode not in ROUTING_MODES:
-        msg = f"`mode` must be one of {ROUTING_MODES}, got {mode!r}."
-        raise ValueError(msg)
-    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
-        msg = f"`n_experts` must be a positive integer, got {n_experts!r}."
-        raise ValueError(msg)
-    chunk_size = _check_chunk_size(chunk_size)
+    check_choice(mode, "mode", ROUTING_MODES)
+    check_int(n_experts, "n_experts")
+    chunk_size = check_int(chunk_size, "chunk_size")
     features = torch.as_tensor(features)
     if features.ndim != 2:
         msg = f"`features` must be 2-D (N, D), got shape {tuple(features.shape)}."
@@ -137,7 +130,7 @@ def mixture_embed(
     torch.Tensor
         Embeddings ``(N, proj_dim)`` on the device of ``features``.
     """
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = check_int(chunk_size, "chunk_size")
     features = torch.as_tensor(features)
     weights = torch.as_tensor(weights)
     if features.ndim != 2:

@@ -10,22 +10,11 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .._validation import check_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExpertBatchSampler"]
-
-
-def _check_int(value: Any, name: str, low: int, high: int | None = None, *, why: str = "") -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is an integer in ``[low, high)`` (no upper bound: None)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | np.integer)
-        or value < low
-        or (high is not None and value >= high)
-    ):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high})"
-        msg = f"`{name}` must be an integer {bounds}{why}, got {value!r}."
-        raise ValueError(msg)
 
 
 class ExpertBatchSampler(Sampler[list[int]]):
@@ -118,11 +107,11 @@ class ExpertBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         even: bool = True,
     ) -> None:
-        _check_int(batch_size, "batch_size", 2, why=" (contrastive batches need pairs)")
+        check_int(batch_size, "batch_size", low=2, why=" (contrastive batches need pairs)")
         if experts_per_step is not None:
-            _check_int(experts_per_step, "experts_per_step", 1, why=" or None")
-        _check_int(num_replicas, "num_replicas", 1)
-        _check_int(rank, "rank", 0, num_replicas)
+            check_int(experts_per_step, "experts_per_step", none_ok=True)
+        check_int(num_replicas, "num_replicas")
+        check_int(rank, "rank", low=0, high=num_replicas)
         if isinstance(expert_labels, torch.Tensor):
             expert_labels = expert_labels.detach().cpu().numpy()
         labels = np.asarray(expert_labels)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .._constants import GENE_INPUTS, Keys
 from .._sdata import as_cohort, resolve_table
+from .._validation import check_choice, check_int
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -25,10 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("spade_sc")
 
-#: ``uns`` key of the gene panel record.
-PANEL_KEY = "spade_panel"
-#: Values of ``gene_input`` accepted by :func:`gene_matrix`.
-GENE_INPUTS = ("log1p", "counts")
 #: ``target_sum`` of the per-spot normalisation of :func:`gene_matrix` (``gene_input="log1p"``).
 TARGET_SUM = 1e4
 #: HVG flavours of scanpy that expect raw counts rather than log-normalised values.
@@ -146,76 +144,95 @@ def gene_panel(
           genes), ``params`` (``n_top_genes``, ``flavor``, ``layer`` (``"X"`` for X), ``n_shared_genes``,
           ``n_slides``, ``slides``).
     """
-    import anndata as ad
-    import pandas as pd
-    import scanpy as sc
-
-    if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, int | np.integer) or n_top_genes < 1:
-        msg = f"n_top_genes must be a positive integer, got {n_top_genes!r}."
-        raise ValueError(msg)
+    check_int(n_top_genes, "n_top_genes")
     slides = as_cohort(cohort)
+    tables = {sid: (tkey := resolve_table(sdata, table_key), sdata.tables[tkey]) for sid, sdata in slides.items()}
+    panel, records = panel_of_tables(tables, n_top_genes=n_top_genes, flavor=flavor, layer=layer)
+    if inplace:
+        for sid, (_, table) in tables.items():
+            table.uns[Keys.PANEL] = records[sid]
+    return panel
 
-    # ---- validation (nothing written) ----
-    tables: dict[str, tuple[str, AnnData, str | None]] = {}
-    for sid, sdata in slides.items():
-        tkey = resolve_table(sdata, table_key)
-        table = sdata.tables[tkey]
+
+def panel_of_tables(
+    tables: Mapping[str, tuple[str, AnnData]], *, n_top_genes: int, flavor: str = "seurat", layer: str | None = None
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The core of :func:`gene_panel` on resolved tables ``{slide id: (table key, AnnData)}``; writes nothing.
+
+    Returns the panel and, per slide, the ``uns["spade_panel"]`` record :func:`gene_panel` writes.
+    """
+    sources = {}
+    for sid, (tkey, table) in tables.items():
         source = _counts_source(table, layer, f"Slide {sid!r}, table {tkey!r}")
         where = _where(sid, tkey, source)
         _check_unique(table, where)
         _check_counts(_counts(table, source), where)
-        tables[sid] = (tkey, table, source)
+        sources[sid] = source
+    shared_genes = _shared_genes(tables)
+    slide_genes = {
+        sid: _slide_hvgs(table, sources[sid], shared_genes, n_top_genes, flavor, f"slide {sid!r}, table {tkey!r}")
+        for sid, (tkey, table) in tables.items()
+    }
+    panel = sorted(set().union(*slide_genes.values()))
+    logger.info("gene_panel: %d genes in the panel (union of %d slide(s))", len(panel), len(slide_genes))
+    params = {
+        "n_top_genes": int(n_top_genes),
+        "flavor": str(flavor),
+        "n_shared_genes": len(shared_genes),
+        "n_slides": len(tables),
+        "slides": list(tables),
+    }
+    records = {
+        sid: {
+            "genes": list(panel),
+            "slide_genes": list(slide_genes[sid]),
+            "params": {**params, "layer": "X" if sources[sid] is None else sources[sid]},
+        }
+        for sid in tables
+    }
+    return panel, records
 
+
+def _shared_genes(tables: Mapping[str, tuple[str, AnnData]]) -> list[str]:
+    """The gene names shared by every table, sorted."""
     shared = set(next(iter(tables.values()))[1].var_names)
-    for _, table, _ in tables.values():
+    for _, table in tables.values():
         shared &= set(table.var_names)
     if not shared:
-        sizes = {sid: int(t.n_vars) for sid, (_, t, _) in tables.items()}
+        sizes = {sid: int(t.n_vars) for sid, (_, t) in tables.items()}
         msg = (
             f"The slides {list(tables)} share no gene name (genes per slide: {sizes}); genes are matched by name, "
             "check that all tables use the same gene naming (symbols vs Ensembl ids)."
         )
         raise ValueError(msg)
-    shared_genes = sorted(shared)
-    logger.info("gene_panel: %d genes shared by %d slide(s)", len(shared_genes), len(tables))
+    logger.info("gene_panel: %d genes shared by %d slide(s)", len(shared), len(tables))
+    return sorted(shared)
 
-    # ---- per-slide highly variable genes ----
-    slide_genes: dict[str, list[str]] = {}
-    for sid, (tkey, table, source) in tables.items():
-        idx = table.var_names.get_indexer(shared_genes)
-        X = _counts(table, source)[:, idx]
-        if not np.issubdtype(X.dtype, np.floating):
-            X = X.astype(np.float32)
-        sub = ad.AnnData(X=X, var=pd.DataFrame(index=shared_genes))
-        if flavor not in _COUNT_FLAVORS:
-            sc.pp.normalize_total(sub)
-            sc.pp.log1p(sub)
-        try:
-            sc.pp.highly_variable_genes(sub, n_top_genes=int(n_top_genes), flavor=flavor)
-        except Exception as err:
-            msg = f"highly_variable_genes(flavor={flavor!r}) failed on slide {sid!r}, table {tkey!r}: {err}"
-            raise ValueError(msg) from err
-        genes = sub.var_names[sub.var["highly_variable"].to_numpy(bool)].tolist()
-        slide_genes[sid] = genes
-        logger.debug("gene_panel: slide %s: %d highly variable genes", sid, len(genes))
-    panel = sorted(set().union(*slide_genes.values()))
-    logger.info("gene_panel: %d genes in the panel (union of %d slide(s))", len(panel), len(slide_genes))
 
-    if inplace:
-        params = {
-            "n_top_genes": int(n_top_genes),
-            "flavor": str(flavor),
-            "n_shared_genes": len(shared_genes),
-            "n_slides": len(tables),
-            "slides": list(tables),
-        }
-        for sid, (_, table, source) in tables.items():
-            table.uns[PANEL_KEY] = {
-                "genes": list(panel),
-                "slide_genes": list(slide_genes[sid]),
-                "params": {**params, "layer": "X" if source is None else source},
-            }
-    return panel
+def _slide_hvgs(
+    table: AnnData, source: str | None, shared_genes: list[str], n_top_genes: int, flavor: str, where: str
+) -> list[str]:
+    """Highly variable genes of one table, on a normalised, log1p copy restricted to ``shared_genes``."""
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    idx = table.var_names.get_indexer(shared_genes)
+    X = _counts(table, source)[:, idx]
+    if not np.issubdtype(X.dtype, np.floating):
+        X = X.astype(np.float32)
+    sub = ad.AnnData(X=X, var=pd.DataFrame(index=shared_genes))
+    if flavor not in _COUNT_FLAVORS:
+        sc.pp.normalize_total(sub)
+        sc.pp.log1p(sub)
+    try:
+        sc.pp.highly_variable_genes(sub, n_top_genes=int(n_top_genes), flavor=flavor)
+    except Exception as err:
+        msg = f"highly_variable_genes(flavor={flavor!r}) failed on {where}: {err}"
+        raise ValueError(msg) from err
+    genes = sub.var_names[sub.var["highly_variable"].to_numpy(bool)].tolist()
+    logger.debug("gene_panel: %s: %d highly variable genes", where, len(genes))
+    return genes
 
 
 def gene_matrix(
@@ -247,9 +264,7 @@ def gene_matrix(
     """
     from scipy import sparse
 
-    if gene_input not in GENE_INPUTS:
-        msg = f"gene_input must be one of {GENE_INPUTS}, got {gene_input!r}."
-        raise ValueError(msg)
+    check_choice(gene_input, "gene_input", GENE_INPUTS)
     if isinstance(genes, str):
         msg = "genes must be a sequence of gene names, not a single string."
         raise TypeError(msg)

@@ -1,0 +1,415 @@
+"""SpadeModel: the SPADE mixture of data experts, its training on feature / expression pairs, and its model folder.
+
+AnnData-free: it trains on and embeds numpy arrays. :func:`spade_sc.tl.fit` and :func:`spade_sc.tl.embed` read and
+write SpatialData around it. Its torch modules are imported inside the methods, so importing it does not import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .._constants import GENE_INPUTS, LOSSES, ROUTINGS
+from .._validation import check_choice
+from ._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
+from ._kmeans import DataExperts
+from ._trainer import default_trainer_kwargs, quiet_lightning, torch_state
+
+
+class SpadeModel:
+    """The SPADE mixture of data experts, with its gene panel, data experts and encoder record.
+
+    Built and trained by :func:`spade_sc.tl.fit`; applied to new slides by :func:`spade_sc.tl.embed`; saved to
+    and loaded from a folder with :meth:`save` / :meth:`load` (safetensors weights + JSON, no pickle).
+
+    Parameters
+    ----------
+    experts
+        The data experts (step-1 centroids and their expert) from :func:`spade_sc.tl.build_experts` or
+        :meth:`DataExperts.fit`.
+    genes
+        The gene panel (gene names, in model input order).
+    image_dim
+        Dimension of the frozen image features.
+    features_key
+        ``obsm`` key of the image features the model was trained on (``"X_<encoder>"``).
+    encoder_spec
+        The encoder's :attr:`spade_sc.encoders.Encoder.spec` (None when features came from elsewhere).
+    gene_input
+        ``"log1p"`` (library-size normalised, log1p) or ``"counts"`` (raw counts, as the reference code).
+    loss
+        ``"soft_clip"`` (BLEEP soft targets, tau = 1) or ``"infonce"`` (CLIP, learnable temperature).
+    routing
+        Default routing at inference: ``"soft"``, ``"hard"`` or ``"uniform"``.
+    routing_tau
+        Temperature of soft routing.
+    proj_dim
+        Embedding dimension.
+    dropout
+        Dropout inside each head.
+    seed
+        Seed of the weight initialisation.
+    """
+
+    def __init__(
+        self,
+        experts: DataExperts,
+        genes: Sequence[str],
+        image_dim: int,
+        *,
+        features_key: str,
+        encoder_spec: Mapping[str, Any] | None = None,
+        gene_input: Literal["counts", "log1p"] = "log1p",
+        loss: Literal["soft_clip", "infonce"] = "soft_clip",
+        routing: Literal["soft", "hard", "uniform"] = "soft",
+        routing_tau: float = 0.1,
+        proj_dim: int = 256,
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        from ._experts import BatchedExperts
+        from ._losses import make_loss
+
+        check_choice(gene_input, "gene_input", GENE_INPUTS)
+        check_choice(loss, "loss", LOSSES)
+        check_choice(routing, "routing", ROUTINGS)
+        if experts.centroids.shape[1] != image_dim:
+            msg = f"The experts' centroids have dimension {experts.centroids.shape[1]}, the features {image_dim}."
+            raise ValueError(msg)
+        self.experts = experts
+        self.genes = [str(g) for g in genes]
+        if len(set(self.genes)) != len(self.genes):
+            msg = "The gene panel holds duplicate gene names."
+            raise ValueError(msg)
+        self.init_params_ = {
+            "image_dim": int(image_dim),
+            "gene_dim": len(self.genes),
+            "n_experts": int(experts.n_experts),
+            "features_key": str(features_key),
+            "gene_input": gene_input,
+            "loss": loss,
+            "routing": routing,
+            "routing_tau": float(routing_tau),
+            "proj_dim": int(proj_dim),
+            "dropout": float(dropout),
+            "seed": int(seed),
+        }
+        self.encoder_spec = None if encoder_spec is None else dict(encoder_spec)
+        self.module = BatchedExperts(
+            experts.n_experts, int(image_dim), len(self.genes), int(proj_dim), float(dropout), seed=int(seed)
+        )
+        self.loss_module = make_loss(loss)
+        self.history_: list[dict[str, Any]] = []
+        self.train_params_: dict[str, Any] = {}
+        self.is_trained_ = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def features_key(self) -> str:
+        """``obsm`` key of the image features the model takes."""
+        return self.init_params_["features_key"]
+
+    @property
+    def n_experts(self) -> int:
+        """Number of data experts."""
+        return self.init_params_["n_experts"]
+
+    def __repr__(self) -> str:
+        p = self.init_params_
+        state = "trained" if self.is_trained_ else "untrained"
+        return (
+            f"SpadeModel({state}; {p['n_experts']} experts, {p['image_dim']}-d {p['features_key']} x "
+            f"{p['gene_dim']} genes ({p['gene_input']}) -> {p['proj_dim']}-d, loss={p['loss']}, routing={p['routing']})"
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        pairs: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+        *,
+        validation: Sequence[str] | None = None,
+        max_epochs: int = 100,
+        batch_size: int = 512,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        early_stopping_patience: int | None = None,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        progress: bool = True,
+        experts_per_step: int | None = None,
+    ) -> SpadeModel:
+        """Train the experts contrastively (negatives only within each expert); keep the weights of the best epoch.
+
+        Parameters
+        ----------
+        pairs
+            ``{group: (image features, gene input, expert index)}``; a group is a slide (or a spatial block).
+        validation
+            Groups held out for validation (the best epoch is chosen by their loss). None or empty: no
+            validation; the last epoch is kept.
+        max_epochs
+            Epochs.
+        batch_size
+            Pairs per expert batch (a batch holds pairs of one expert; a step holds up to ``experts_per_step``
+            such batches, each with its own contrastive loss).
+        lr
+            AdamW learning rate (cosine schedule over ``max_epochs``).
+        weight_decay
+            AdamW weight decay.
+        early_stopping_patience
+            Stop when the validation loss has not improved for this many epochs (None: never).
+        trainer_kwargs
+            Passed to :class:`lightning.Trainer` (``accelerator``, ``devices``, ``strategy``, ``precision``, ...).
+            Under DDP (``devices=N``, ``strategy="ddp"``, ``"ddp_spawn"`` or ``"ddp_notebook"`` in Jupyter) every
+            process runs an equal share of each epoch's steps, sharded by :class:`~spade_sc.model.ExpertBatchSampler`,
+            and evaluates the whole validation set; the weights of the best epoch come back to this process.
+        progress
+            Show Lightning's progress bar.
+        experts_per_step
+            Single-expert batches (of distinct experts) per optimiser step, each expert's loss computed within its
+            own rows; None: all experts in each step (one batched step trains them all), 1: one expert per step.
+
+        Returns
+        -------
+        The model itself, trained; ``history_`` holds the loss of every epoch.
+        """
+        import lightning as L
+
+        from ._lightning import PairsDataModule, PairsDataset, SpadeLightningModule
+
+        validation = list(validation or [])
+        unknown = [g for g in validation if g not in pairs]
+        if unknown:
+            msg = f"validation groups {unknown} are not among {sorted(pairs)}."
+            raise ValueError(msg)
+        train_groups = [g for g in pairs if g not in validation]
+        if not train_groups:
+            msg = "No training slides left after the validation split."
+            raise ValueError(msg)
+
+        def stack(groups: list[str]) -> PairsDataset | None:
+            if not groups:
+                return None
+            x = np.concatenate([pairs[g][0] for g in groups])
+            y = np.concatenate([pairs[g][1] for g in groups])
+            e = np.concatenate([pairs[g][2] for g in groups])
+            return PairsDataset(x, y, e)
+
+        train_ds, val_ds = stack(train_groups), stack(validation)
+        seed = self.init_params_["seed"]
+        L.seed_everything(seed, workers=True, verbose=False)
+
+        lit = SpadeLightningModule(
+            self.module, loss=self.loss_module, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs
+        )
+        callbacks: list[Any] = []
+        if early_stopping_patience is not None and val_ds is not None:
+            callbacks.append(L.pytorch.callbacks.EarlyStopping("val_loss", patience=int(early_stopping_patience)))
+        kwargs = default_trainer_kwargs(max_epochs, progress, trainer_kwargs)
+        kwargs["callbacks"] = [*callbacks, *list(kwargs.get("callbacks", []) or [])]
+        # Lightning announces devices and tips at INFO level at every fit: kept out of the user's log, progress or not
+        with quiet_lightning(True), torch_state():
+            trainer = L.Trainer(**kwargs)
+            data = PairsDataModule(
+                train_ds, val_ds, batch_size=batch_size, seed=seed, experts_per_step=experts_per_step
+            )
+            trainer.fit(lit, datamodule=data)
+        self.module = lit.experts.cpu().eval()
+        self.loss_module = lit.loss_fn.cpu()
+        self.history_ = [dict(h) for h in lit.history]
+        self.train_params_ = {
+            "max_epochs": int(max_epochs),
+            "epochs_run": len(self.history_),
+            "best_epoch": lit.best_epoch,
+            "best_val_loss": lit.best_val_loss,
+            "batch_size": int(batch_size),
+            "experts_per_step": None if experts_per_step is None else int(experts_per_step),
+            "lr": float(lr),
+            "weight_decay": float(weight_decay),
+            "early_stopping_patience": early_stopping_patience,
+            "train_groups": train_groups,
+            "validation_groups": validation,
+            "n_train_pairs": len(train_ds),
+            "n_validation_pairs": 0 if val_ds is None else len(val_ds),
+        }
+        self.is_trained_ = True
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def routing_weights(self, features: np.ndarray, routing: str | None = None) -> np.ndarray:
+        """Routing weights (N x K, rows sum to 1) of image features over the experts."""
+        import torch
+
+        from ._routing import route
+
+        routing = check_choice(routing or self.init_params_["routing"], "routing", ROUTINGS)
+        with torch.no_grad():
+            w = route(
+                torch.as_tensor(np.asarray(features, dtype=np.float32)),
+                torch.as_tensor(self.experts.centroids, dtype=torch.float32),
+                torch.as_tensor(self.experts.centroid_expert, dtype=torch.long),
+                self.n_experts,
+                mode=routing,
+                tau=self.init_params_["routing_tau"],
+            )
+        return w.numpy()
+
+    def get_image_embedding(self, features: np.ndarray, routing: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """SPADE image embedding of frozen features and the routing weights used.
+
+        Parameters
+        ----------
+        features
+            (N, image_dim) features from the model's encoder.
+        routing
+            ``"soft"``, ``"hard"`` or ``"uniform"``; defaults to the model's.
+
+        Returns
+        -------
+        ``(embedding (N, proj_dim), routing weights (N, K))`` as float32 numpy arrays.
+        """
+        import torch
+
+        from ._routing import mixture_embed
+
+        features = np.asarray(features, dtype=np.float32)
+        if not np.isfinite(features).all():
+            msg = "features hold NaN or infinite values."
+            raise ValueError(msg)
+        weights = self.routing_weights(features, routing)
+        self.module.eval()
+        with torch.no_grad():
+            emb = mixture_embed(self.module, torch.as_tensor(features), torch.as_tensor(weights))
+        return emb.numpy().astype(np.float32), weights.astype(np.float32)
+
+    def get_gene_embedding(self, gene_input: np.ndarray, routing_weights: np.ndarray) -> np.ndarray:
+        """Gene-side embedding, mixed over experts with the given routing weights (N x K)."""
+        import torch
+
+        self.module.eval()
+        y = torch.as_tensor(np.asarray(gene_input, dtype=np.float32))
+        w = torch.as_tensor(np.asarray(routing_weights, dtype=np.float32))
+        with torch.no_grad():
+            out = (self.module.gene_embed_all(y) * w[:, :, None]).sum(1)
+        return out.numpy()
+
+    # ------------------------------------------------------------------ files
+    def state_tensors(self) -> dict[str, Any]:
+        """Every tensor of the model file: expert weights, loss parameters, centroids and their experts."""
+        import torch
+
+        tensors = {f"experts.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        tensors.update({f"loss.{k}": v.detach().cpu().contiguous() for k, v in self.loss_module.state_dict().items()})
+        for k, v in self.experts.arrays().items():
+            tensors[f"data_experts.{k}"] = torch.as_tensor(np.ascontiguousarray(v))
+        return tensors
+
+    def fingerprint(self) -> str:
+        """SHA-256 over every tensor of the model (names, shapes, bytes): identical weights, identical print."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_tensors().items()):
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def config(self) -> dict[str, Any]:
+        """The JSON part of the model file."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "class": type(self).__name__,
+            "init_params": self.init_params_,
+            "genes": self.genes,
+            "encoder": self.encoder_spec,
+            "data_experts": self.experts.config(),
+            "train_params": self.train_params_,
+            "history": self.history_,
+            "is_trained": self.is_trained_,
+            "fingerprint": self.fingerprint(),
+            "versions": versions(),
+        }
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model to a folder: ``model.safetensors`` (every tensor) and ``config.json`` (the rest).
+
+        Parameters
+        ----------
+        path
+            The folder.
+        overwrite
+            Replace an existing folder.
+
+        Returns
+        -------
+        The folder.
+        """
+        return write_model_folder(path, self.state_tensors(), self.config(), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, *, genes: Sequence[str] | None = None) -> SpadeModel:
+        """Read a model folder written by :meth:`save`, validating everything before building the modules.
+
+        Parameters
+        ----------
+        path
+            The folder.
+        genes
+            When given, the gene panel the caller expects; a different stored panel is an error.
+
+        Returns
+        -------
+        The model, with bit-identical weights.
+        """
+        config, tensors = read_model_folder(path, cls.__name__)
+        if genes is not None and list(genes) != list(config["genes"]):
+            diff = sorted(set(genes) ^ set(config["genes"]))[:10]
+            msg = f"The gene panel stored in {path} differs from the expected one (e.g. {diff})."
+            raise ValueError(msg)
+        arrays = {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("data_experts.")}
+        experts = DataExperts.from_dict({**config["data_experts"], **arrays})
+        p = config["init_params"]
+        model = cls(
+            experts,
+            config["genes"],
+            p["image_dim"],
+            features_key=p["features_key"],
+            encoder_spec=config["encoder"],
+            gene_input=p["gene_input"],
+            loss=p["loss"],
+            routing=p["routing"],
+            routing_tau=p["routing_tau"],
+            proj_dim=p["proj_dim"],
+            dropout=p["dropout"],
+            seed=p["seed"],
+        )
+        expected = model.state_tensors()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        shapes = [
+            f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in sorted(set(expected) & set(tensors))
+            if tuple(tensors[k].shape) != tuple(expected[k].shape)
+        ]
+        if missing or unexpected or shapes:
+            msg = (
+                f"{path} does not match its config: missing {missing[:10]}, unexpected "
+                f"{unexpected[:10]}, shape mismatches {shapes[:10]}."
+            )
+            raise ValueError(msg)
+        model.module.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("experts.")}, strict=True
+        )
+        model.loss_module.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("loss.")}, strict=True
+        )
+        model.module.eval()
+        model.history_ = config.get("history", [])
+        model.train_params_ = config.get("train_params", {})
+        model.is_trained_ = bool(config.get("is_trained", False))
+        if config.get("fingerprint") and model.fingerprint() != config["fingerprint"]:
+            msg = f"The weights in {path} do not match the fingerprint recorded in its config."
+            raise ValueError(msg)
+        return model
