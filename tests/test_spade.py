@@ -90,7 +90,7 @@ def test_restored_weights_are_the_best_epoch(her2st_with_features):
     from spade_sc.model import ExpertBatchSampler, soft_clip_loss
 
     x = torch.as_tensor(t.obsm[FEAT])
-    y = torch.as_tensor(model.gene_input_matrix(t))
+    y = torch.as_tensor(sp.pp.gene_matrix(t, model.genes, gene_input=model.init_params_["gene_input"]))
     e = torch.as_tensor(model.experts.assign(t.obsm[FEAT]))
     model.module.eval()
     total = n = 0

@@ -21,7 +21,6 @@ import numpy as np
 from ._constants import Keys
 
 if TYPE_CHECKING:
-    import xarray as xr
     from anndata import AnnData
     from spatialdata import SpatialData
 

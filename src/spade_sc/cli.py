@@ -10,19 +10,20 @@ import time
 import warnings
 from pathlib import Path
 
+from . import datasets, pl, tl
+from ._constants import Keys
+
 logger = logging.getLogger("spade_sc")
 
 
 def _cohort(data: str, n_slides: int, n_spots: int, image_size: int, seed: int):
-    import spade_sc as sp
-
     if data == "her2st":
         root = os.environ.get("SPADE_SC_DATA")
         if not root or not (Path(root) / "her2st").is_dir():
             msg = "--data her2st needs SPADE_SC_DATA set to the folder that holds her2st/."
             raise SystemExit(msg)
-        return sp.datasets.her2st(Path(root) / "her2st")
-    return sp.datasets.synthetic(n_slides=n_slides, n_spots=n_spots, image_size=image_size, seed=seed)
+        return datasets.her2st(Path(root) / "her2st")
+    return datasets.synthetic(n_slides=n_slides, n_spots=n_spots, image_size=image_size, seed=seed)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -32,8 +33,6 @@ def demo(args: argparse.Namespace) -> int:
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
     import spatialdata as sd
-
-    import spade_sc as sp
 
     t0 = time.time()
     out = Path(args.out)
@@ -51,7 +50,7 @@ def demo(args: argparse.Namespace) -> int:
     train = {n: cohort[n] for n in names[:-1]}
     print(f"[{time.time() - t0:5.0f}s] {data}: {len(train)} training slides {list(train)}, held out {held_out}")
 
-    model = sp.tl.fit(
+    model = tl.fit(
         train,
         max_epochs=args.epochs,
         batch_size=args.batch_size,
@@ -64,7 +63,7 @@ def demo(args: argparse.Namespace) -> int:
         f"          best epoch {model.train_params_['best_epoch']} of {model.train_params_['epochs_run']}, "
         f"validation slides {model.train_params_['validation_groups']}"
     )
-    sp.tl.embed(cohort[held_out], model, progress=not args.quiet)
+    tl.embed(cohort[held_out], model, progress=not args.quiet)
     print(f"[{time.time() - t0:5.0f}s] embedded held-out slide {held_out}")
 
     model_dir = model.save(out / "model", overwrite=True)
@@ -78,14 +77,14 @@ def demo(args: argparse.Namespace) -> int:
             warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
             sdata.write(path)
     back = sd.read_zarr(out / f"{held_out}.zarr")
-    assert "X_spade" in back.tables["table"].obsm
-    sp.pl.experts(cohort[held_out], show=False, save=out / f"experts_{held_out}.png")
-    sp.pl.training_curves(model, show=False, save=out / "loss.png")
+    assert Keys.SPADE in back.tables["table"].obsm
+    pl.experts(cohort[held_out], show=False, save=out / f"experts_{held_out}.png")
+    pl.training_curves(model, show=False, save=out / "loss.png")
     plt.close("all")
     table = cohort[held_out].tables["table"]
     print(f"[{time.time() - t0:5.0f}s] wrote {model_dir}, {len(cohort)} .zarr, experts_{held_out}.png, loss.png")
-    used = table.obs["spade_expert"].nunique()
-    print(f"held-out {held_out}: X_spade {table.obsm['X_spade'].shape}; experts used {used}")
+    used = table.obs[Keys.EXPERT].nunique()
+    print(f"held-out {held_out}: {Keys.SPADE} {table.obsm[Keys.SPADE].shape}; experts used {used}")
     print(f"done in {time.time() - t0:.0f}s -> {out}")
     return 0
 

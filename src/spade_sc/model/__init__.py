@@ -18,6 +18,9 @@ from typing import Any
 _EXPORTS = {
     "SpadeModel": "_spade_model",
     "DataExperts": "_kmeans",
+    "MILModel": "_mil_model",
+    "MILLightningModule": "_lightning",
+    "make_bag_dataloader": "_lightning",
     "BatchedExperts": "_experts",
     "BatchedProjectionHead": "_experts",
     "ExpertHeads": "_experts",

@@ -1,4 +1,4 @@
-"""Lightning training of the data experts on (image feature, gene vector, expert) pairs."""
+"""Lightning training: data experts on (image feature, gene vector, expert) pairs; slide-level MIL, one bag a step."""
 
 from __future__ import annotations
 
@@ -20,7 +20,14 @@ from ._sampler import ExpertBatchSampler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PairsDataModule", "PairsDataset", "SpadeLightningModule", "make_dataloader"]
+__all__ = [
+    "MILLightningModule",
+    "PairsDataModule",
+    "PairsDataset",
+    "SpadeLightningModule",
+    "make_bag_dataloader",
+    "make_dataloader",
+]
 
 _BATCH_KEYS = ("image", "gene", "expert")
 

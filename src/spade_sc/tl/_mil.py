@@ -21,33 +21,31 @@ Protocol
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from ..model._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
+from .._constants import MIL_TASKS, Keys
 from .._sdata import as_cohort
+from .._validation import check_choice, check_fraction, check_int
+from ..model._mil_model import MILModel
 from ..model._trainer import default_trainer_kwargs, quiet_lightning, torch_state
-from ._slides import SPADE_KEY, labels_frame, require_tiles, tile_features
+from ._slides import labels_frame, require_tiles, slide_info, tile_features
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
+__all__ = ["MILModel", "MILResult", "attention", "train_mil"]
+
 logger = logging.getLogger("spade_sc")
 
-TASKS = ("classification", "survival")
 #: Number of discrete-time survival bins (quartiles of the training event times).
 N_BINS = 4
-#: Names of the attention columns (raw score, percentile rank) and the key of their parameters.
-ATTENTION_KEY = "spade_attention"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -112,234 +110,6 @@ def _classification_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) ->
     pred = (probs[:, 1] > 0.5).astype(int) if n_classes == 2 else probs.argmax(1)
     f1 = f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0)
     return {"auc": _auc(y, probs, n_classes), "f1": float(f1)}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the model
-# --------------------------------------------------------------------------------------------------------------------
-class MILModel:
-    """A trained gated-attention MIL model with what is needed to apply it: features key, task, classes, bins.
-
-    Built by :func:`train_mil`; apply it with :meth:`predict`, :meth:`attention_scores` or
-    :func:`spade_sc.tl.attention`; save it with :meth:`save` and read it back with :meth:`load`.
-
-    Parameters
-    ----------
-    module
-        The :class:`spade_sc.model.GatedABMIL`.
-    features_key
-        ``obsm`` key of the tile features it takes.
-    task
-        ``"classification"`` or ``"survival"``.
-    classes
-        Class labels in output order (classification).
-    bin_edges
-        Time bin edges (survival): ``n_bins + 1`` values from 0 to inf.
-    feature_mean, feature_std
-        Standardisation of the features (from the training tiles); None: none.
-    init_params
-        Hyperparameters of the module (``in_dim``, ``n_classes``, ``hidden``, ``attention_dim``, ``dropout``).
-    train_params
-        Record of the training (slides, epochs, lr, ...).
-    """
-
-    def __init__(
-        self,
-        module: Any,
-        *,
-        features_key: str,
-        task: Literal["classification", "survival"],
-        classes: Sequence[Any] | None = None,
-        bin_edges: Sequence[float] | None = None,
-        feature_mean: np.ndarray | None = None,
-        feature_std: np.ndarray | None = None,
-        init_params: Mapping[str, Any] | None = None,
-        train_params: Mapping[str, Any] | None = None,
-    ) -> None:
-        if task not in TASKS:
-            msg = f"task={task!r}; choose one of {TASKS}."
-            raise ValueError(msg)
-        self.module = module.cpu().eval()
-        self.features_key = str(features_key)
-        self.task = task
-        self.classes = None if classes is None else [_py(c) for c in classes]
-        self.bin_edges = None if bin_edges is None else [float(b) for b in bin_edges]
-        self.feature_mean = None if feature_mean is None else np.asarray(feature_mean, dtype=np.float32)
-        self.feature_std = None if feature_std is None else np.asarray(feature_std, dtype=np.float32)
-        self.init_params_ = dict(
-            init_params
-            or {
-                "in_dim": int(module.in_dim),
-                "n_classes": int(module.n_classes),
-                "hidden": int(module.fc[0].out_features),
-                "attention_dim": int(module.attention_a[0].out_features),
-                "dropout": float(module.fc[2].p),
-            }
-        )
-        self.train_params_ = dict(train_params or {})
-
-    @property
-    def in_dim(self) -> int:
-        """Dimension of the tile features the model takes."""
-        return int(self.init_params_["in_dim"])
-
-    def __repr__(self) -> str:
-        what = f"classes={self.classes}" if self.task == "classification" else f"{len(self.bin_edges or []) - 1} bins"
-        return f"MILModel({self.task}, {self.in_dim}-d {self.features_key!r}, {what})"
-
-    # ------------------------------------------------------------------ inference
-    def _tensor(self, bag: Any, where: str = "bag") -> Any:
-        import torch
-
-        x = np.asarray(bag, dtype=np.float32)
-        if x.ndim != 2 or x.shape[0] == 0:
-            msg = f"{where}: a bag is a non-empty (n_tiles, d) matrix, got shape {x.shape}."
-            raise ValueError(msg)
-        if x.shape[1] != self.in_dim:
-            msg = (
-                f"{where}: the tile features are {x.shape[1]}-dimensional but the MIL model takes {self.in_dim}-d "
-                f"features ({self.features_key!r}); use the features it was trained on."
-            )
-            raise ValueError(msg)
-        if not np.isfinite(x).all():
-            msg = f"{where}: the tile features hold NaN or inf."
-            raise ValueError(msg)
-        if self.feature_mean is not None:
-            x = (x - self.feature_mean) / self.feature_std
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-
-    def _forward(self, bag: Any, where: str = "bag") -> tuple[Any, Any]:
-        import torch
-
-        x = self._tensor(bag, where)
-        self.module.eval()
-        with torch.no_grad():
-            return self.module(x)
-
-    def predict(self, bag: Any) -> np.ndarray | float:
-        """Prediction for one slide.
-
-        Parameters
-        ----------
-        bag
-            Tile features (n_tiles, in_dim).
-
-        Returns
-        -------
-        Classification: the class probabilities (n_classes,) in the order of :attr:`classes` (two classes:
-        ``[1 - p, p]``). Survival: the risk ``-sum_t S_t`` (higher means shorter survival).
-        """
-        return self._prediction(self._forward(bag)[0])
-
-    def _prediction(self, logits: Any) -> np.ndarray | float:
-        """:meth:`predict` from the network's logits."""
-        import torch
-
-        from ..model import risk_from_hazards
-
-        if self.task == "survival":
-            return float(risk_from_hazards(logits))
-        if logits.shape[0] == 1:
-            p = float(torch.sigmoid(logits)[0])
-            return np.array([1.0 - p, p])
-        return torch.softmax(logits, dim=0).numpy().astype(float)
-
-    def survival_function(self, bag: Any) -> np.ndarray:
-        """Survival probability at the end of every time bin (survival models), ``S_t = prod_{j<=t} (1 - h_j)``."""
-        import torch
-
-        if self.task != "survival":
-            msg = "survival_function needs a survival model."
-            raise ValueError(msg)
-        logits, _ = self._forward(bag)
-        return torch.cumprod(1 - torch.sigmoid(logits), dim=0).numpy().astype(float)
-
-    def attention_scores(self, bag: Any) -> np.ndarray:
-        """Raw (pre-softmax) attention score of every tile of one bag (n_tiles,)."""
-        _, scores = self._forward(bag)
-        return scores.numpy().astype(np.float32)
-
-    # ------------------------------------------------------------------ files
-    def config(self) -> dict[str, Any]:
-        """The JSON part of the model file."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "class": type(self).__name__,
-            "init_params": self.init_params_,
-            "features_key": self.features_key,
-            "task": self.task,
-            "classes": self.classes,
-            "bin_edges": None if self.bin_edges is None else [_json_float(b) for b in self.bin_edges],
-            "standardised": self.feature_mean is not None,
-            "train_params": json.loads(json.dumps(self.train_params_, default=str)),
-            "versions": versions(),
-        }
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the model to a folder: ``model.safetensors`` (weights, standardisation) and ``config.json``.
-
-        Parameters
-        ----------
-        path
-            The folder.
-        overwrite
-            Replace an existing folder.
-
-        Returns
-        -------
-        The folder.
-        """
-        import torch
-
-        tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        if self.feature_mean is not None:
-            tensors["feature_mean"] = torch.from_numpy(self.feature_mean.copy())
-            tensors["feature_std"] = torch.from_numpy(self.feature_std.copy())
-        return write_model_folder(path, tensors, self.config(), overwrite=overwrite)
-
-    @classmethod
-    def load(cls, path: str | Path) -> MILModel:
-        """Read a folder written by :meth:`save`, checking its format and loading the weights strictly.
-
-        Parameters
-        ----------
-        path
-            The folder.
-
-        Returns
-        -------
-        The model.
-        """
-        from ..model import GatedABMIL
-
-        config, tensors = read_model_folder(path, cls.__name__)
-        p = config["init_params"]
-        module = GatedABMIL(p["in_dim"], p["n_classes"], p["hidden"], p["attention_dim"], p["dropout"])
-        module.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("module.")}, strict=True)
-        std = config.get("standardised")
-        if std and "feature_mean" not in tensors:
-            msg = f"{path} lacks the feature standardisation its config records."
-            raise ValueError(msg)
-        edges = config.get("bin_edges")
-        return cls(
-            module,
-            features_key=config["features_key"],
-            task=config["task"],
-            classes=config.get("classes"),
-            bin_edges=None if edges is None else [float(b) for b in edges],
-            feature_mean=tensors["feature_mean"].numpy() if std else None,
-            feature_std=tensors["feature_std"].numpy() if std else None,
-            init_params=p,
-            train_params=config.get("train_params"),
-        )
-
-
-def _py(v: Any) -> Any:
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _json_float(v: float) -> float | str:
-    return "inf" if np.isinf(v) else float(v)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -434,179 +204,93 @@ class MILResult:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# training
+# labels
 # --------------------------------------------------------------------------------------------------------------------
-@functools.cache
-def _lightning_module_class() -> type:
-    """The LightningModule class (built lazily: lightning is imported only when training)."""
-    import lightning as L
-    import torch
+@dataclass(eq=False)
+class _SlideLabels:
+    """The checked labels of the labelled slides (rows of ``frame``, in the order of ``names``).
 
-    from ..model import discrete_time_nll
+    ``strata`` is what the splits stratify on: the class index (classification) or the event indicator (survival).
+    """
 
-    class MILLightningModule(L.LightningModule):
-        """One bag per step; BCE / cross-entropy / discrete-time NLL; AdamW."""
+    task: str
+    frame: pd.DataFrame
+    strata: np.ndarray
+    classes: list[Any] | None = None
+    y: np.ndarray | None = None
+    time: np.ndarray | None = None
+    event: np.ndarray | None = None
+    event_key: str | None = None
 
-        def __init__(self, net: torch.nn.Module, *, loss: str, lr: float, weight_decay: float) -> None:
-            super().__init__()
-            self.net = net
-            self.loss_kind = loss
-            self.lr = float(lr)
-            self.weight_decay = float(weight_decay)
-            self.history: list[float] = []
-            self._epoch_losses: list[float] = []
+    @property
+    def names(self) -> list[str]:
+        """Ids of the labelled slides."""
+        return list(self.frame.index)
 
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            bag, target = batch
-            logits, _ = self.net(bag)
-            if self.loss_kind == "bce":
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target["y"].view(1).float())
-            elif self.loss_kind == "ce":
-                loss = torch.nn.functional.cross_entropy(logits[None], target["y"].view(1).long())
-            else:
-                loss = discrete_time_nll(logits[None], target["bin"].view(1).long(), target["event"].view(1).float())
-            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
-            self._epoch_losses.append(float(loss.detach()))
-            return loss
+    @property
+    def group(self) -> str:
+        """What a stratum is called in messages."""
+        return "class" if self.task == "classification" else "event group"
 
-        def on_train_epoch_end(self) -> None:
-            if self._epoch_losses:
-                self.history.append(float(np.mean(self._epoch_losses)))
-            self._epoch_losses = []
+    def stratum_name(self, s: int) -> Any:
+        """The class label, or ``"<event_key>=<0/1>"``, of stratum ``s``."""
+        return self.classes[s] if self.task == "classification" else f"{self.event_key}={int(s)}"
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def targets(self, idx: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray | None, int]:
+        """Training targets of the slides ``idx``, the survival bin edges (set on them) and the number of outputs."""
+        if self.task == "classification":
+            n = len(self.classes)
+            return [{"y": int(self.y[i])} for i in idx], None, 1 if n == 2 else n
+        edges = _bin_edges(self.time[idx], self.event[idx])
+        bins = _time_bins(self.time[idx], edges)
+        targets = [{"bin": int(b), "event": float(self.event[i])} for b, i in zip(bins, idx, strict=True)]
+        return targets, edges, len(edges) - 1
 
-    return MILLightningModule
+    def sampling_weights(self, idx: np.ndarray) -> np.ndarray:
+        """Class-balanced weights (classification), uniform ones (survival)."""
+        if self.task != "classification":
+            return np.ones(len(idx))
+        strata = self.strata[idx]
+        return 1.0 / pd.Series(strata).value_counts().loc[strata].to_numpy(dtype=float)
 
-
-def _first(items: list[Any]) -> Any:
-    """Collate of a batch of one bag: the bag itself, no stacking."""
-    return items[0]
-
-
-def _split_seed(seed: int, *parts: int) -> int:
-    return int(np.random.SeedSequence([int(seed), *[int(p) for p in parts]]).generate_state(1)[0] % (2**31 - 1))
-
-
-def _bin_edges(times: np.ndarray, events: np.ndarray) -> np.ndarray:
-    """Edges ``[0, q1, q2, q3, inf]`` from the quartiles of the event times (duplicates merged)."""
-    t = times[events.astype(bool)]
-    if len(t) == 0:
-        msg = "The training slides hold no observed event: the survival time bins cannot be set."
-        raise ValueError(msg)
-    inner = np.unique(np.quantile(t, np.linspace(0, 1, N_BINS + 1)[1:-1]))
-    return np.concatenate([[0.0], inner, [np.inf]])
-
-
-def _time_bins(times: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Bin of every time: right-closed intervals ``(e_k, e_k+1]`` (the first also takes 0)."""
-    return np.searchsorted(edges[1:-1], times, side="left").astype(np.int64)
+    def score(self, idx: np.ndarray, predictions: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Rows of truth and prediction of the test slides ``idx``, and their metrics."""
+        if self.task == "classification":
+            probs = np.stack(predictions)
+            rows = [
+                {
+                    "label": self.classes[self.y[i]],
+                    **{f"prob_{c}": float(v) for c, v in zip(self.classes, p, strict=True)},
+                }
+                for i, p in zip(idx, probs, strict=True)
+            ]
+            return rows, _classification_metrics(self.y[idx], probs, len(self.classes))
+        risk = np.asarray(predictions, dtype=float)
+        rows = [
+            {"time": float(self.time[i]), "event": int(self.event[i]), "risk": float(r)}
+            for i, r in zip(idx, risk, strict=True)
+        ]
+        return rows, {"c_index": concordance_index(self.time[idx], risk, self.event[idx])}
 
 
-def _fit_one(
-    bags: list[np.ndarray],
-    targets: list[dict[str, Any]],
-    *,
-    task: str,
-    n_out: int,
-    features_key: str,
-    classes: list[Any] | None,
-    bin_edges: np.ndarray | None,
-    strata: np.ndarray,
-    seed: int,
-    hp: Mapping[str, Any],
-    trainer_kwargs: Mapping[str, Any] | None,
-    progress: bool,
-    record: Mapping[str, Any],
-) -> MILModel:
-    """Train one GatedABMIL on ``bags`` and wrap it."""
-    import lightning as L
-    import torch
-
-    from ..model import GatedABMIL
-
-    stacked = np.concatenate(bags)
-    mean = stacked.mean(0) if hp["standardize"] else None
-    std = None
-    if hp["standardize"]:
-        std = stacked.std(0)
-        std = np.where(std > 1e-6 * max(float(std.max()), 1e-12), std, 1.0)  # constant features stay as they are
-    L.seed_everything(seed, workers=True, verbose=False)
-    net = GatedABMIL(bags[0].shape[1], n_out, hp["hidden"], hp["attention_dim"], hp["dropout"])
-    tensors = []
-    for b, tgt in zip(bags, targets, strict=True):
-        x = (b - mean) / std if mean is not None else b
-        tensors.append(
-            (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), {k: torch.tensor(v) for k, v in tgt.items()})
-        )
+def _label_keys(task: str, label_key: str | None, time_key: str | None, event_key: str | None) -> list[str]:
+    """The label columns the task needs, checked to be given."""
     if task == "classification":
-        counts = pd.Series(strata).value_counts()
-        weights = 1.0 / counts.loc[strata].to_numpy(dtype=float)
-    else:
-        weights = np.ones(len(bags))
-    generator = torch.Generator().manual_seed(seed)
-    sampler = torch.utils.data.WeightedRandomSampler(
-        torch.as_tensor(weights, dtype=torch.double), num_samples=len(bags), replacement=True, generator=generator
-    )
-    loader = torch.utils.data.DataLoader(tensors, batch_size=1, sampler=sampler, collate_fn=_first, num_workers=0)
-    loss = "nll" if task == "survival" else ("bce" if n_out == 1 else "ce")
-    lit = _lightning_module_class()(net, loss=loss, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    kwargs = default_trainer_kwargs(
-        hp["max_epochs"], progress, {"log_every_n_steps": max(1, len(bags)), **(trainer_kwargs or {})}
-    )
-    with quiet_lightning(not progress), torch_state():
-        trainer = L.Trainer(**kwargs)
-        if trainer.world_size > 1:
-            msg = (
-                f"train_mil trains one small bag per step on a single device; trainer_kwargs ask for "
-                f"{trainer.world_size} processes (devices / num_nodes / strategy). Pass devices=1."
-            )
+        if label_key is None:
+            msg = "Classification needs label_key= (the slide label column)."
             raise ValueError(msg)
-        trainer.fit(lit, train_dataloaders=loader)
-    return MILModel(
-        lit.net,
-        features_key=features_key,
-        task=task,
-        classes=classes,
-        bin_edges=bin_edges,
-        feature_mean=mean,
-        feature_std=std,
-        train_params={
-            **dict(record),
-            "seed": int(seed),
-            "max_epochs": int(hp["max_epochs"]),
-            "lr": float(hp["lr"]),
-            "weight_decay": float(hp["weight_decay"]),
-            "standardize": bool(hp["standardize"]),
-            "loss_history": list(lit.history),
-        },
-    )
-
-
-def _collect_bags(
-    slides: Mapping[str, SpatialData],
-    names: Sequence[str],
-    features_key: str,
-    image_key: str | None,
-    tiles_key: str | None,
-) -> dict[str, np.ndarray]:
-    bags = {}
-    for name in names:
-        where = f"Slide {name!r}"
-        _, tkey = require_tiles(slides[name], image_key=image_key, tiles_key=tiles_key, where=where)
-        bags[name] = tile_features(slides[name].tables[tkey], features_key, where=where)
-    dims = {n: b.shape[1] for n, b in bags.items()}
-    if len(set(dims.values())) > 1:
-        msg = f"The tile features {features_key!r} differ in dimension across slides: {dims}."
+        return [label_key]
+    if time_key is None or event_key is None:
+        msg = (
+            f"Survival needs time_key= and event_key= (got time_key={time_key!r}, event_key={event_key!r}): "
+            "the columns of the survival time and of the event indicator (1 observed, 0 censored)."
+        )
         raise ValueError(msg)
-    return bags
+    return [time_key, event_key]
 
 
 def _labels(slides: Mapping[str, SpatialData], labels: Any, keys: Sequence[str], task: str) -> pd.DataFrame:
     """Columns ``keys`` for every slide (NaN where unknown), from ``labels`` or the slides' attrs."""
-    from ._slides import slide_info
-
     ids = list(slides)
     if labels is not None:
         frame = labels_frame(labels, ids)
@@ -620,12 +304,112 @@ def _labels(slides: Mapping[str, SpatialData], labels: Any, keys: Sequence[str],
     absent = [k for k in keys if out[k].isna().all()]
     if absent:
         msg = (
-            f"No slide has {absent} in sdata.attrs['spade_sc']['slide'] (the key is named by "
+            f"No slide has {absent} in sdata.attrs[{Keys.ATTRS!r}][{Keys.SLIDE!r}] (the key is named by "
             f"{'label_key' if task == 'classification' else 'time_key / event_key'}): pass labels= (a DataFrame "
             "indexed by slide id)."
         )
         raise KeyError(msg)
     return out
+
+
+def _slide_labels(
+    slides: Mapping[str, SpatialData],
+    labels: Any,
+    task: str,
+    label_key: str | None,
+    time_key: str | None,
+    event_key: str | None,
+) -> _SlideLabels:
+    """The checked labels of the slides that have one (the others are left out, logged)."""
+    frame = _labels(slides, labels, _label_keys(task, label_key, time_key, event_key), task)
+    known = frame.notna().all(axis=1)
+    if not known.all():
+        logger.info(
+            "train_mil: %d slide(s) without a label are left out: %s",
+            int((~known).sum()),
+            list(frame.index[~known])[:10],
+        )
+    frame = frame[known]
+    if task == "classification":
+        return _classification_labels(frame, label_key)
+    return _survival_labels(frame, time_key, event_key)
+
+
+def _classification_labels(frame: pd.DataFrame, label_key: str) -> _SlideLabels:
+    y_raw = frame[label_key].to_numpy()
+    classes = sorted(pd.unique(y_raw).tolist(), key=lambda v: (str(type(v)), v))
+    if len(classes) < 2:
+        msg = (
+            f"Label {label_key!r} has a single class {classes} over the {len(frame)} labelled slides; at least two "
+            "classes are needed."
+        )
+        raise ValueError(msg)
+    y = np.array([classes.index(v) for v in y_raw])
+    return _SlideLabels("classification", frame, strata=y, classes=classes, y=y)
+
+
+def _survival_labels(frame: pd.DataFrame, time_key: str, event_key: str) -> _SlideLabels:
+    time = pd.to_numeric(frame[time_key], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(time).all() or (time < 0).any():
+        msg = f"Survival times {time_key!r} must be finite and >= 0."
+        raise ValueError(msg)
+    try:
+        event = frame[event_key].to_numpy().astype(float)
+    except (TypeError, ValueError) as err:
+        msg = f"Event indicator {event_key!r} must be 0/1 or boolean."
+        raise ValueError(msg) from err
+    if not np.isin(event, (0.0, 1.0)).all():
+        msg = f"Event indicator {event_key!r} must be 0/1 or boolean, got values {sorted(set(event.tolist()))[:5]}."
+        raise ValueError(msg)
+    if event.sum() < 2:
+        msg = f"Survival needs at least two observed events ({event_key!r} == 1), got {int(event.sum())}."
+        raise ValueError(msg)
+    return _SlideLabels("survival", frame, strata=event.astype(int), time=time, event=event, event_key=event_key)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# protocols
+# --------------------------------------------------------------------------------------------------------------------
+def _protocol(lab: _SlideLabels, folds: int | None, k_shot: int | None) -> str:
+    """``"few_shot"``, ``"cv"`` or ``"full"``, after checking that every stratum is large enough for it."""
+    counts = pd.Series(lab.strata).value_counts()
+    smallest, name = int(counts.min()), lab.stratum_name(counts.idxmin())
+    if k_shot is not None:
+        if k_shot >= smallest:
+            msg = (
+                f"k_shot={k_shot} is not smaller than the smallest {lab.group} ({name!r}: {smallest} slides): every "
+                f"{lab.group} needs k_shot training slides and at least one test slide."
+            )
+            raise ValueError(msg)
+        return "few_shot"
+    if folds is None:
+        return "full"
+    if len(counts) > 1 and smallest < folds:
+        msg = (
+            f"folds={folds} needs at least {folds} slides in every {lab.group}; the smallest ({name!r}) has "
+            f"{smallest}. Use fewer folds."
+        )
+        raise ValueError(msg)
+    if len(lab.frame) < folds:
+        msg = f"folds={folds} but only {len(lab.frame)} labelled slides."
+        raise ValueError(msg)
+    return "cv"
+
+
+def _plan_splits(
+    lab: _SlideLabels, protocol: str, *, folds: int | None, k_shot: int | None, n_repeats: int, seed: int
+) -> tuple[str, list[tuple[list[str], list[str]]]]:
+    """The name of the splits (``"cv"``, ``"<k>-shot"``, ``"full"``) and their (train, test) slide ids."""
+    names = lab.names
+    if protocol == "cv":
+        from sklearn.model_selection import StratifiedKFold
+
+        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % (2**32))
+        folds_ = skf.split(np.zeros(len(names)), lab.strata)
+        return "cv", [([names[i] for i in tr], [names[i] for i in te]) for tr, te in folds_]
+    if protocol == "few_shot":
+        return f"{k_shot}-shot", _draw_few_shot(lab.strata, names, k_shot, n_repeats, seed)
+    return "full", [(names, [])]
 
 
 def _draw_few_shot(
@@ -646,6 +430,217 @@ def _draw_few_shot(
     return out
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------------------------
+def _split_seed(seed: int, *parts: int) -> int:
+    return int(np.random.SeedSequence([int(seed), *[int(p) for p in parts]]).generate_state(1)[0] % (2**31 - 1))
+
+
+def _bin_edges(times: np.ndarray, events: np.ndarray) -> np.ndarray:
+    """Edges ``[0, q1, q2, q3, inf]`` from the quartiles of the event times (duplicates merged)."""
+    t = times[events.astype(bool)]
+    if len(t) == 0:
+        msg = "The training slides hold no observed event: the survival time bins cannot be set."
+        raise ValueError(msg)
+    inner = np.unique(np.quantile(t, np.linspace(0, 1, N_BINS + 1)[1:-1]))
+    return np.concatenate([[0.0], inner, [np.inf]])
+
+
+def _time_bins(times: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin of every time: right-closed intervals ``(e_k, e_k+1]`` (the first also takes 0)."""
+    return np.searchsorted(edges[1:-1], times, side="left").astype(np.int64)
+
+
+def _collect_bags(
+    slides: Mapping[str, SpatialData],
+    names: Sequence[str],
+    features_key: str,
+    image_key: str | None,
+    tiles_key: str | None,
+) -> dict[str, np.ndarray]:
+    """The checked tile features of every slide in ``names``, all of one dimension."""
+    bags = {}
+    for name in names:
+        where = f"Slide {name!r}"
+        _, tkey = require_tiles(slides[name], image_key=image_key, tiles_key=tiles_key, where=where)
+        bags[name] = tile_features(slides[name].tables[tkey], features_key, where=where)
+    dims = {n: b.shape[1] for n, b in bags.items()}
+    if len(set(dims.values())) > 1:
+        msg = f"The tile features {features_key!r} differ in dimension across slides: {dims}."
+        raise ValueError(msg)
+    return bags
+
+
+def _hyperparameters(
+    hidden: int,
+    attention_dim: int,
+    dropout: float,
+    max_epochs: int,
+    lr: float,
+    weight_decay: float,
+    standardize: bool,
+) -> dict[str, Any]:
+    """The checked training settings of every split."""
+    return {
+        "hidden": check_int(hidden, "hidden"),
+        "attention_dim": check_int(attention_dim, "attention_dim"),
+        "dropout": check_fraction(dropout, "dropout"),
+        "max_epochs": check_int(max_epochs, "max_epochs"),
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "standardize": standardize,
+    }
+
+
+def _standardisation(bags: Sequence[np.ndarray], standardize: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Mean and standard deviation of the tiles of ``bags`` (constant features keep a scale of 1), or None."""
+    if not standardize:
+        return None, None
+    stacked = np.concatenate(bags)
+    std = stacked.std(0)
+    return stacked.mean(0), np.where(std > 1e-6 * max(float(std.max()), 1e-12), std, 1.0)
+
+
+def _fit_one(
+    bags: list[np.ndarray],
+    lab: _SlideLabels,
+    idx: np.ndarray,
+    *,
+    features_key: str,
+    seed: int,
+    hp: Mapping[str, Any],
+    trainer_kwargs: Mapping[str, Any] | None,
+    progress: bool,
+    record: Mapping[str, Any],
+) -> MILModel:
+    """Train one GatedABMIL on ``bags`` (of the slides ``idx`` of ``lab``) and wrap it."""
+    import lightning as L
+
+    from ..model._lightning import MILLightningModule, make_bag_dataloader
+    from ..model._mil import GatedABMIL
+
+    targets, edges, n_out = lab.targets(idx)
+    mean, std = _standardisation(bags, hp["standardize"])
+    L.seed_everything(seed, workers=True, verbose=False)
+    net = GatedABMIL(bags[0].shape[1], n_out, hp["hidden"], hp["attention_dim"], hp["dropout"])
+    inputs = [(b - mean) / std for b in bags] if mean is not None else bags
+    loader = make_bag_dataloader(inputs, targets, lab.sampling_weights(idx), seed=seed)
+    loss = "nll" if lab.task == "survival" else ("bce" if n_out == 1 else "ce")
+    lit = MILLightningModule(net, loss=loss, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    kwargs = default_trainer_kwargs(
+        hp["max_epochs"], progress, {"log_every_n_steps": max(1, len(bags)), **(trainer_kwargs or {})}
+    )
+    with quiet_lightning(not progress), torch_state():
+        trainer = L.Trainer(**kwargs)
+        if trainer.world_size > 1:
+            msg = (
+                f"train_mil trains one small bag per step on a single device; trainer_kwargs ask for "
+                f"{trainer.world_size} processes (devices / num_nodes / strategy). Pass devices=1."
+            )
+            raise ValueError(msg)
+        trainer.fit(lit, train_dataloaders=loader)
+    train_params = {**record, "seed": int(seed), **_record_hp(hp), "loss_history": list(lit.history)}
+    return MILModel(
+        lit.net,
+        features_key=features_key,
+        task=lab.task,
+        classes=lab.classes,
+        bin_edges=edges,
+        feature_mean=mean,
+        feature_std=std,
+        train_params=train_params,
+    )
+
+
+def _record_hp(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """The training settings recorded in a model's ``train_params_``."""
+    return {
+        "max_epochs": int(hp["max_epochs"]),
+        "lr": float(hp["lr"]),
+        "weight_decay": float(hp["weight_decay"]),
+        "standardize": bool(hp["standardize"]),
+    }
+
+
+@dataclass(eq=False)
+class _Runs:
+    """What the splits produced, gathered in split order."""
+
+    models: list[MILModel] = field(default_factory=list)
+    splits: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _fit_splits(
+    bags: Mapping[str, np.ndarray],
+    lab: _SlideLabels,
+    split_name: str,
+    planned: Sequence[tuple[list[str], list[str]]],
+    *,
+    features_key: str,
+    hp: Mapping[str, Any],
+    seed: int,
+    trainer_kwargs: Mapping[str, Any] | None,
+    progress: bool,
+) -> _Runs:
+    """Train a model on the train slides of every split and score it on the test slides."""
+    pos = {n: i for i, n in enumerate(lab.names)}
+    runs = _Runs()
+    for f, (train, test) in enumerate(planned):
+        model = _fit_one(
+            [bags[n] for n in train],
+            lab,
+            np.array([pos[n] for n in train]),
+            features_key=features_key,
+            seed=_split_seed(seed, f),
+            hp=hp,
+            trainer_kwargs=trainer_kwargs,
+            progress=progress,
+            record={"split": split_name, "fold": f, "train_slides": list(train)},
+        )
+        runs.models.append(model)
+        runs.splits.append({"split": split_name, "fold": f, "train": list(train), "test": list(test)})
+        if not test:
+            continue
+        rows, values = lab.score(np.array([pos[n] for n in test]), [model.predict(bags[n]) for n in test])
+        at = {"split": split_name, "fold": f}
+        runs.predictions += [{**at, "slide": n, **row} for n, row in zip(test, rows, strict=True)]
+        sizes = {"n_train": len(train), "n_test": len(test)}
+        runs.metrics += [{**at, "metric": m, "value": v, **sizes} for m, v in values.items()]
+        logger.info(
+            "train_mil: %s split %d (%d train / %d test slides): %s",
+            split_name,
+            f,
+            len(train),
+            len(test),
+            ", ".join(f"{k}={v:.3f}" for k, v in values.items()),
+        )
+    return runs
+
+
+def _mil_result(lab: _SlideLabels, protocol: str, runs: _Runs, params: dict[str, Any]) -> MILResult:
+    """The :class:`MILResult` of the runs; out-of-fold predictions in slide order under cross-validation."""
+    metrics = pd.DataFrame(runs.metrics, columns=["split", "fold", "metric", "value", "n_train", "n_test"])
+    predictions = pd.DataFrame(runs.predictions)
+    if protocol == "cv" and len(predictions):
+        order = [n for n in lab.names if n in set(predictions["slide"])]
+        predictions = predictions.set_index("slide", drop=False).loc[order]
+        predictions.index.name = None
+    return MILResult(
+        task=lab.task,
+        protocol=protocol,
+        metrics=metrics,
+        splits=runs.splits,
+        predictions=predictions,
+        models=runs.models,
+        model=runs.models[-1],
+        labels=lab.frame.copy(),
+        params=params,
+    )
+
+
 def train_mil(
     cohort: SpatialData | Mapping[str, SpatialData] | Sequence[SpatialData],
     *,
@@ -653,7 +648,7 @@ def train_mil(
     task: Literal["classification", "survival"] = "classification",
     time_key: str | None = None,
     event_key: str | None = None,
-    features_key: str = SPADE_KEY,
+    features_key: str = Keys.SPADE,
     labels: pd.DataFrame | AnnData | None = None,
     image_key: str | None = None,
     tiles_key: str | None = None,
@@ -730,246 +725,43 @@ def train_mil(
     cross-validation), the train / test slides of every ``splits`` entry, the ``predictions`` of every test slide,
     the per-split ``models`` and ``model``. Nothing is written into the slides.
     """
-    from sklearn.model_selection import StratifiedKFold
-
-    # ---- arguments ------------------------------------------------------------------------------------------------
-    if task not in TASKS:
-        msg = f"task={task!r}; choose one of {TASKS}."
-        raise ValueError(msg)
-    for name, value in (("max_epochs", max_epochs), ("n_repeats", n_repeats)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            msg = f"{name} must be a positive integer, got {value!r}."
-            raise ValueError(msg)
-    if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int | np.integer) or folds < 2):
-        msg = f"folds must be an integer >= 2 or None, got {folds!r}."
-        raise ValueError(msg)
-    if k_shot is not None and (isinstance(k_shot, bool) or not isinstance(k_shot, int | np.integer) or k_shot < 1):
-        msg = f"k_shot must be a positive integer or None, got {k_shot!r}."
-        raise ValueError(msg)
-    if task == "classification":
-        if label_key is None:
-            msg = "Classification needs label_key= (the slide label column)."
-            raise ValueError(msg)
-        keys = [label_key]
-    else:
-        if time_key is None or event_key is None:
-            msg = (
-                f"Survival needs time_key= and event_key= (got time_key={time_key!r}, event_key={event_key!r}): "
-                "the columns of the survival time and of the event indicator (1 observed, 0 censored)."
-            )
-            raise ValueError(msg)
-        keys = [time_key, event_key]
+    check_choice(task, "task", MIL_TASKS)
+    hp = _hyperparameters(hidden, attention_dim, dropout, max_epochs, lr, weight_decay, standardize)
+    folds = check_int(folds, "folds", low=2, none_ok=True)
+    k_shot = check_int(k_shot, "k_shot", none_ok=True)
+    n_repeats = check_int(n_repeats, "n_repeats")
+    seed = check_int(seed, "seed", low=0)
     slides = as_cohort(cohort)
-    frame = _labels(slides, labels, keys, task)
-    known = frame.notna().all(axis=1)
-    if not known.all():
-        logger.info(
-            "train_mil: %d slide(s) without a label are left out: %s",
-            int((~known).sum()),
-            list(frame.index[~known])[:10],
-        )
-    frame = frame[known]
-    names = list(frame.index)
+    lab = _slide_labels(slides, labels, task, label_key, time_key, event_key)
+    protocol = _protocol(lab, folds, k_shot)
+    bags = _collect_bags(slides, lab.names, features_key, image_key, tiles_key)
+    split_name, planned = _plan_splits(lab, protocol, folds=folds, k_shot=k_shot, n_repeats=n_repeats, seed=seed)
 
-    if task == "classification":
-        y_raw = frame[label_key].to_numpy()
-        classes = sorted(pd.unique(y_raw).tolist(), key=lambda v: (str(type(v)), v))
-        if len(classes) < 2:
-            msg = (
-                f"Label {label_key!r} has a single class {classes} over the {len(names)} labelled slides; at least two "
-                "classes are needed."
-            )
-            raise ValueError(msg)
-        y = np.array([classes.index(v) for v in y_raw])
-        strata = y
-        n_out = 1 if len(classes) == 2 else len(classes)
-    else:
-        time = pd.to_numeric(frame[time_key], errors="coerce").to_numpy(dtype=float)
-        if not np.isfinite(time).all() or (time < 0).any():
-            msg = f"Survival times {time_key!r} must be finite and >= 0."
-            raise ValueError(msg)
-        ev = frame[event_key].to_numpy()
-        try:
-            event = ev.astype(float)
-        except (TypeError, ValueError) as err:
-            msg = f"Event indicator {event_key!r} must be 0/1 or boolean."
-            raise ValueError(msg) from err
-        if not np.isin(event, (0.0, 1.0)).all():
-            msg = f"Event indicator {event_key!r} must be 0/1 or boolean, got values {sorted(set(event.tolist()))[:5]}."
-            raise ValueError(msg)
-        if event.sum() < 2:
-            msg = f"Survival needs at least two observed events ({event_key!r} == 1), got {int(event.sum())}."
-            raise ValueError(msg)
-        classes = None
-        strata = event.astype(int)
-        n_out = N_BINS
-    counts = pd.Series(strata).value_counts()
-    what = "class" if task == "classification" else "event group"
-    stratum_name = (lambda s: classes[s]) if task == "classification" else (lambda s: f"{event_key}={int(s)}")
-    if k_shot is not None:
-        smallest = int(counts.min())
-        if k_shot >= smallest:
-            msg = (
-                f"k_shot={k_shot} is not smaller than the smallest {what} ({stratum_name(counts.idxmin())!r}: "
-                f"{smallest} slides): every {what} needs k_shot training slides and at least one test slide."
-            )
-            raise ValueError(msg)
-        protocol = "few_shot"
-    elif folds is not None:
-        if len(counts) > 1 and int(counts.min()) < folds:
-            msg = (
-                f"folds={folds} needs at least {folds} slides in every {what}; the smallest "
-                f"({stratum_name(counts.idxmin())!r}) has {int(counts.min())}. Use fewer folds."
-            )
-            raise ValueError(msg)
-        if len(names) < folds:
-            msg = f"folds={folds} but only {len(names)} labelled slides."
-            raise ValueError(msg)
-        protocol = "cv"
-    else:
-        protocol = "full"
-    bags = _collect_bags(slides, names, features_key, image_key, tiles_key)
-    hp = {
-        "hidden": hidden,
-        "attention_dim": attention_dim,
-        "dropout": dropout,
-        "max_epochs": max_epochs,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "standardize": standardize,
-    }
-    from ..model._heads import _check_dropout, _check_positive_int
-
-    _check_positive_int(hidden, "hidden")
-    _check_positive_int(attention_dim, "attention_dim")
-    _check_dropout(dropout)
-
-    # ---- splits ---------------------------------------------------------------------------------------------------
-    if protocol == "cv":
-        skf = StratifiedKFold(n_splits=int(folds), shuffle=True, random_state=int(seed) % (2**32))
-        split_list = [
-            ([names[i] for i in tr], [names[i] for i in te]) for tr, te in skf.split(np.zeros(len(names)), strata)
-        ]
-        split_name = "cv"
-    elif protocol == "few_shot":
-        split_list = _draw_few_shot(strata, names, int(k_shot), int(n_repeats), seed)
-        split_name = f"{k_shot}-shot"
-    else:
-        split_list = [(names, [])]
-        split_name = "full"
-
-    # ---- training -------------------------------------------------------------------------------------------------
-    pos = {n: i for i, n in enumerate(names)}
-    metric_rows: list[dict[str, Any]] = []
-    pred_rows: list[dict[str, Any]] = []
-    splits: list[dict[str, Any]] = []
-    models: list[MILModel] = []
-    for f, (train, test) in enumerate(split_list):
-        tr = np.array([pos[n] for n in train])
-        if task == "classification":
-            targets = [{"y": int(y[i])} for i in tr]
-            edges = None
-        else:
-            edges = _bin_edges(time[tr], event[tr])
-            bins = _time_bins(time[tr], edges)
-            targets = [{"bin": int(b), "event": float(event[i])} for b, i in zip(bins, tr, strict=True)]
-        model = _fit_one(
-            [bags[n] for n in train],
-            targets,
-            task=task,
-            n_out=n_out if task == "classification" else len(edges) - 1,
-            features_key=features_key,
-            classes=classes,
-            bin_edges=edges,
-            strata=strata[tr],
-            seed=_split_seed(seed, f),
-            hp=hp,
-            trainer_kwargs=trainer_kwargs,
-            progress=progress,
-            record={"split": split_name, "fold": f, "train_slides": list(train)},
-        )
-        models.append(model)
-        splits.append({"split": split_name, "fold": f, "train": list(train), "test": list(test)})
-        if not test:
-            continue
-        te = np.array([pos[n] for n in test])
-        if task == "classification":
-            probs = np.stack([model.predict(bags[n]) for n in test])
-            for n, i, p in zip(test, te, probs, strict=True):
-                pred_rows.append(
-                    {
-                        "split": split_name,
-                        "fold": f,
-                        "slide": n,
-                        "label": classes[y[i]],
-                        **{f"prob_{c}": float(v) for c, v in zip(classes, p, strict=True)},
-                    }
-                )
-            values = _classification_metrics(y[te], probs, len(classes))
-        else:
-            risk = np.array([model.predict(bags[n]) for n in test])
-            for n, i, r in zip(test, te, risk, strict=True):
-                pred_rows.append(
-                    {
-                        "split": split_name,
-                        "fold": f,
-                        "slide": n,
-                        "time": float(time[i]),
-                        "event": int(event[i]),
-                        "risk": float(r),
-                    }
-                )
-            values = {"c_index": concordance_index(time[te], risk, event[te])}
-        for metric, value in values.items():
-            metric_rows.append(
-                {
-                    "split": split_name,
-                    "fold": f,
-                    "metric": metric,
-                    "value": value,
-                    "n_train": len(train),
-                    "n_test": len(test),
-                }
-            )
-        logger.info(
-            "train_mil: %s split %d (%d train / %d test slides): %s",
-            split_name,
-            f,
-            len(train),
-            len(test),
-            ", ".join(f"{k}={v:.3f}" for k, v in values.items()),
-        )
-
-    metrics = pd.DataFrame(metric_rows, columns=["split", "fold", "metric", "value", "n_train", "n_test"])
-    predictions = pd.DataFrame(pred_rows)
-    if protocol == "cv" and len(predictions):
-        order = [n for n in names if n in set(predictions["slide"])]
-        predictions = predictions.set_index("slide", drop=False).loc[order]
-        predictions.index.name = None
+    runs = _fit_splits(
+        bags,
+        lab,
+        split_name,
+        planned,
+        features_key=features_key,
+        hp=hp,
+        seed=seed,
+        trainer_kwargs=trainer_kwargs,
+        progress=progress,
+    )
     params = {
         "task": task,
         "label_key": label_key,
         "time_key": time_key,
         "event_key": event_key,
         "features_key": features_key,
-        "classes": classes,
+        "classes": lab.classes,
         "folds": folds if protocol == "cv" else None,
         "k_shot": k_shot,
         "n_repeats": n_repeats if protocol == "few_shot" else None,
         "seed": seed,
         **hp,
     }
-    result = MILResult(
-        task=task,
-        protocol=protocol,
-        metrics=metrics,
-        splits=splits,
-        predictions=predictions,
-        models=models,
-        model=models[-1],
-        labels=frame.copy(),
-        params=params,
-    )
+    result = _mil_result(lab, protocol, runs, params)
     if protocol != "full":
         logger.info("train_mil: %r", result)
     return result
@@ -985,7 +777,7 @@ def attention(
     features_key: str | None = None,
     image_key: str | None = None,
     tiles_key: str | None = None,
-    key_added: str = ATTENTION_KEY,
+    key_added: str = Keys.ATTENTION,
 ) -> None:
     """Attention of a MIL model over the tiles of one slide.
 
@@ -1012,8 +804,6 @@ def attention(
     - ``uns[key_added]``: ``params`` (features key, task, classes, model record) and ``prediction`` (class
       probabilities, or the risk) of the slide.
     """
-    from scipy.stats import rankdata
-
     if not isinstance(mil_model, MILModel):
         msg = f"mil_model must be a MILModel (from spade_sc.tl.train_mil), got {type(mil_model).__name__}."
         raise TypeError(msg)
@@ -1022,18 +812,7 @@ def attention(
     table = sdata.tables[tkey]
     where = f"Tiles table {tkey!r}"
     x = tile_features(table, features_key, where=where)
-    if x.shape[1] != mil_model.in_dim:
-        msg = (
-            f"{where}: obsm[{features_key!r}] holds {x.shape[1]}-d features, but the MIL model takes "
-            f"{mil_model.in_dim}-d features ({mil_model.features_key!r})."
-        )
-        raise ValueError(msg)
-    logits, scores = mil_model._forward(x)  # one pass gives the attention and the prediction
-    scores = scores.numpy().astype(np.float32)
-    pred = mil_model._prediction(logits)
-    pct = rankdata(scores, method="average") / len(scores)
-    table.obs[key_added] = scores.astype(np.float32)
-    table.obs[f"{key_added}_pct"] = pct.astype(np.float32)
+    prediction, scores = mil_model.predict_with_attention(x, where=f"{where}, obsm[{features_key!r}]")
     params = {
         "features_key": features_key,
         "tiles_key": skey,
@@ -1043,7 +822,16 @@ def attention(
     }
     if mil_model.classes is not None:
         params["classes"] = [str(c) for c in mil_model.classes]
-    table.uns[key_added] = {
-        "params": params,
-        "prediction": np.asarray(pred, dtype=float) if mil_model.task == "classification" else float(pred),
-    }
+    _write_attention(table, key_added, scores, prediction, params)
+
+
+def _write_attention(
+    table: AnnData, key_added: str, scores: np.ndarray, prediction: np.ndarray | float, params: dict[str, Any]
+) -> None:
+    """Scores, their percentile ranks, and the record of :func:`attention` into the tiles table."""
+    from scipy.stats import rankdata
+
+    table.obs[key_added] = scores.astype(np.float32)
+    table.obs[Keys.pct(key_added)] = (rankdata(scores, method="average") / len(scores)).astype(np.float32)
+    value = float(prediction) if np.ndim(prediction) == 0 else np.asarray(prediction, dtype=float)
+    table.uns[key_added] = {"params": params, "prediction": value}
