@@ -11,15 +11,7 @@ import torch
 from spatialdata import SpatialData
 
 import spade_sc as sp
-from spade_sc.tl import _evaluate as ev
-from spade_sc.tl._evaluate import (
-    EvaluationResult,
-    evaluate,
-    pearson_per_gene,
-    predict_expression,
-    ridge_cv_predict,
-    top_variable_genes,
-)
+from spade_sc.tl import EvaluationResult, evaluate, predict_expression
 
 TINY_FIT = {"n_experts": 2, "n_clusters_per_tissue": 4, "max_epochs": 3, "batch_size": 64, "lr": 1e-3}
 
@@ -76,46 +68,64 @@ def _state(cohort):
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
-def test_pearson_per_gene():
-    rng = np.random.default_rng(0)
-    y = rng.normal(size=(100, 3))
-    pred = np.column_stack([2 * y[:, 0] + 1, -y[:, 1], np.ones(100)])
-    r = pearson_per_gene(y, pred)
-    np.testing.assert_allclose(r[:2], [1, -1], atol=1e-12)
-    assert np.isnan(r[2])  # constant prediction: undefined, not 0
-    with pytest.raises(ValueError, match="same shape"):
-        pearson_per_gene(y, pred[:, :2])
-
-
-def test_ridge_cv_matches_sklearn_and_picks_by_slide():
+def test_expression_task_is_loso_ridge_on_top_variable_genes_scored_by_pearson(cohort):
+    """Protocol 3 by hand: top-variance genes of the training slides, standardised features, ridge whose alpha
+    minimises the leave-one-training-slide-out squared error, refitted on every training spot (as sklearn's Ridge),
+    Pearson r per gene over the held-out spots: NaN where the held-out expression is constant, not 0."""
+    from scipy import sparse
     from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
 
+    tables = {sid: s.tables["table"] for sid, s in cohort.items()}
+    train, held_out = ["slide1", "slide2", "slide3"], tables["slide0"]
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(90, 20))
-    y = x @ rng.normal(size=(20, 4)) + rng.normal(0, 3, (90, 4))
-    x_new = rng.normal(size=(10, 20))
-    groups = np.repeat(["a", "b", "c"], 30)
-    pred, alpha = ridge_cv_predict(x, y, x_new, alphas=[0.1, 10.0, 1e3], groups=groups)
-    ref = Ridge(alpha=alpha).fit(x, y).predict(x_new)
-    np.testing.assert_allclose(pred, ref, atol=1e-8)
-    # the choice is the minimum of the leave-one-slide-out squared error
-    errs = []
-    for a in [0.1, 10.0, 1e3]:
-        e = 0.0
-        for g in "abc":
-            m = Ridge(alpha=a).fit(x[groups != g], y[groups != g])
-            e += ((m.predict(x[groups == g]) - y[groups == g]) ** 2).sum()
-        errs.append(e)
-    assert alpha == [0.1, 10.0, 1e3][int(np.argmin(errs))]
+    for t in tables.values():  # noisy features: the penalty matters
+        t.obsm["X_noisy"] = (t.obsm["X_expr"] + rng.normal(0, 1.0, t.obsm["X_expr"].shape)).astype(np.float32)
+    # the genes: highest variance of log1p-normalised expression over the training slides' spots
+    all_genes = list(held_out.var_names)
+    expr = np.concatenate([sp.pp.gene_matrix(tables[s], all_genes) for s in train]).astype(np.float64)
+    genes = [all_genes[i] for i in np.argsort(-expr.var(0), kind="stable")[:10]]
+    # the top gene never expressed on the held-out slide: still a target (chosen on the training slides), scored NaN
+    x = held_out.X.toarray()
+    x[:, held_out.var_names.get_loc(genes[0])] = 0
+    held_out.X = sparse.csr_matrix(x)
+    alphas = (0.1, 10.0, 1e3, 1e5)
+    res = evaluate(
+        cohort,
+        features_key="X_noisy",
+        representations=("base",),
+        tasks=("expression",),
+        folds={"slide0": ["slide0"]},
+        n_genes=10,
+        gene_shots=(40,),
+        n_draws=1,
+        pca=(False,),
+        alphas=alphas,
+        progress=False,
+    )
+    assert res.protocol["folds"]["slide0"]["genes"] == genes
 
-
-def test_top_variable_genes(cohort):
-    tables = [s.tables["table"] for s in cohort.values()]
-    genes = top_variable_genes(tables, 10)
-    x = np.concatenate([sp.pp.gene_matrix(t, list(tables[0].var_names)) for t in tables])
-    var = x.astype(np.float64).var(0)
-    expected = [tables[0].var_names[i] for i in np.argsort(-var, kind="stable")[:10]]
-    assert genes == expected
+    y = np.concatenate([sp.pp.gene_matrix(tables[s], genes) for s in train]).astype(np.float64)
+    y_te = sp.pp.gene_matrix(held_out, genes).astype(np.float64)
+    feats = np.concatenate([tables[s].obsm["X_noisy"] for s in train]).astype(np.float64)
+    scaler = StandardScaler().fit(feats)
+    z, z_te = scaler.transform(feats), scaler.transform(held_out.obsm["X_noisy"])
+    groups = np.concatenate([[s] * tables[s].n_obs for s in train])
+    errs = []  # the choice is the minimum of the leave-one-slide-out squared error
+    for a in alphas:
+        fits = {g: Ridge(alpha=a).fit(z[groups != g], y[groups != g]) for g in train}
+        errs.append(sum(((fits[g].predict(z[groups == g]) - y[groups == g]) ** 2).sum() for g in train))
+    row = res.table[(res.table.task == "expression") & (res.table.shots == "all")]
+    alpha = row["param"].item()
+    assert alpha == alphas[int(np.argmin(errs))]
+    assert alpha not in (alphas[0], alphas[-1])  # an interior choice: the search did choose
+    pred = Ridge(alpha=alpha).fit(z, y).predict(z_te)
+    r = np.array([np.corrcoef(y_te[:, j], pred[:, j])[0, 1] for j in range(1, len(genes))])
+    per_gene = res.per_gene[(res.per_gene.task == "expression") & (res.per_gene.shots == "all")]
+    per_gene = per_gene.set_index("gene")["pearson"]
+    assert np.isnan(per_gene[genes[0]])  # constant held-out expression: undefined, not 0
+    np.testing.assert_allclose(per_gene[genes[1:]].to_numpy(), r, atol=1e-8)
+    assert row["value"].item() == pytest.approx(r.mean(), abs=1e-8)  # the mean over the genes that vary
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -234,23 +244,8 @@ def test_label_probe_exact_shots_and_unseen_classes(cohort):
         evaluate(cohort, features_key="X_expr", label_key="nope", tasks=("label",), representations=("base",))
 
 
-def test_no_leakage_and_spade_inside_folds(cohort, monkeypatch):
+def test_no_leakage_and_spade_inside_folds(cohort):
     """SPADE and the gene selection only ever see the training slides; the held-out expression changes only scores."""
-    import spade_sc.tl._spade as spade_mod
-
-    seen_fit, seen_hvg = [], []
-    real_fit, real_hvg = spade_mod.fit, ev.top_variable_genes
-
-    def spy_fit(c, **kw):
-        seen_fit.append((sorted(c), {sid: s.tables["table"] for sid, s in c.items()}, kw.get("n_experts")))
-        return real_fit(c, **kw)
-
-    def spy_hvg(tables, *a, **kw):
-        seen_hvg.append([id(t) for t in tables])
-        return real_hvg(tables, *a, **kw)
-
-    monkeypatch.setattr(spade_mod, "fit", spy_fit)
-    monkeypatch.setattr(ev, "top_variable_genes", spy_hvg)
     kwargs = {
         "features_key": "X_feat",
         "representations": ("base", "spade_soft", "spade_hard", "spade_uniform", "single_expert"),
@@ -263,23 +258,22 @@ def test_no_leakage_and_spade_inside_folds(cohort, monkeypatch):
         "pca": (False,),
         "progress": False,
     }
+    before = _state(cohort)
     res = evaluate(cohort, **kwargs)
-    held_out = cohort["slide0"].tables["table"]
-    assert [s[0] for s in seen_fit] == [["slide1", "slide2", "slide3"]] * 2
-    assert [s[2] for s in seen_fit] == [2, 1]  # SPADE, then the single expert
-    for _, tables, _ in seen_fit:  # copies, never the user's tables
-        assert all(t is not cohort[sid].tables["table"] for sid, t in tables.items())
-    assert seen_hvg == [[id(cohort[s].tables["table"]) for s in ("slide1", "slide2", "slide3")]]
-    assert id(held_out) not in seen_hvg[0]
+    # SPADE was fitted on copies: tl.fit writes its embedding into the tables it trains on, and none was written
+    assert _state(cohort) == before
     rec = res.protocol["folds"]["slide0"]
-    assert rec["spade"]["n_experts"] == 2 and rec["single_expert"]["n_experts"] == 1
+    train = ["slide1", "slide2", "slide3"]
+    assert rec["spade"]["slides"] == train and rec["single_expert"]["slides"] == train
+    assert rec["spade"]["n_experts"] == 2 and rec["single_expert"]["n_experts"] == 1  # two fits: SPADE, single expert
+    assert rec["spade"]["fingerprint"] != rec["single_expert"]["fingerprint"]
+    assert rec["gene_selection_slides"] == train  # the held-out slide's expression chose no gene
     tp = rec["spade"]["train_params"]
     assert "slide0" not in tp["train_groups"] + tp["validation_groups"]
     assert set(res.table["representation"]) == set(kwargs["representations"])
     assert np.isfinite(res.table["value"]).all()
 
     # By construction: scramble the held-out slide's counts; genes, SPADE weights and chosen alphas stay the same.
-    monkeypatch.undo()
     scrambled = dict(cohort)
     s0 = _copy(cohort["slide0"])
     t = s0.tables["table"]
@@ -311,7 +305,10 @@ def test_predict_expression_joint_space(cohort):
     assert t.uns["spade_predicted"]["params"]["k"] == 7
     # the similarity is sum_k w_k(query) <f_k(x), g_k(y)>, and the prediction the mean of the top k references
     x = t.obsm["X_feat"]
-    ref_in = np.concatenate([model.gene_input_matrix(s.tables["table"]) for s in train.values()])
+    gene_input = model.init_params_["gene_input"]
+    ref_in = np.concatenate(
+        [sp.pp.gene_matrix(s.tables["table"], model.genes, gene_input=gene_input) for s in train.values()]
+    )
     ref_y = np.concatenate([sp.pp.gene_matrix(s.tables["table"], model.genes) for s in train.values()])
     w = model.routing_weights(x, "soft")
     with torch.no_grad():
@@ -338,6 +335,10 @@ def test_evaluate_validates(cohort):
         evaluate(cohort, features_key="X_expr", tasks=("segmentation",))
     with pytest.raises(ValueError, match="shots"):
         evaluate(cohort, features_key="X_expr", shots=(0,))
+    with pytest.raises(ValueError, match="n_draws"):
+        evaluate(cohort, features_key="X_expr", n_draws=0)
+    with pytest.raises(ValueError, match="n_genes"):
+        evaluate(cohort, features_key="X_expr", n_genes=0)
     with pytest.raises(ValueError, match="fit_kwargs"):
         evaluate(cohort, features_key="X_expr", fit_kwargs={"key_added": "x"})
 

@@ -20,22 +20,31 @@ only: the held-out slide's expression enters nothing but the scores.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
-from .._sdata import as_cohort
+from .._constants import ROUTINGS
+from .._sdata import Spots, as_cohort, features_matrix, resolve_spots
+from .._validation import check_choice, check_int, check_ints
+from ..pp import gene_matrix
+from ..pp._genes import _check_counts, _counts, _counts_source, _spot_scale
+from ._spade import fit, model_features, model_gene_input
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from ._spade import SpadeModel
+    from ..model import SpadeModel
 
 logger = logging.getLogger("spade_sc")
 
@@ -51,7 +60,10 @@ DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-1, 7, 17))
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
 #: ``shots`` value of the rows that use every labelled training spot.
 ALL = "all"
-_SPADE_ROUTING = {"spade_soft": "soft", "spade_hard": "hard", "spade_uniform": "uniform", "single_expert": "soft"}
+#: SPADE representations: the image embedding of the fold's SPADE model with each routing.
+_SPADE_REPS = {f"spade_{r}": r for r in ROUTINGS}
+#: Representations read from a model trained in the fold, and the routing of each.
+_SPADE_ROUTING = {**_SPADE_REPS, "single_expert": "soft"}
 _TASK_CODE = {"expression": 1, "label": 2}
 _COLUMNS = ["representation", "task", "fold", "shots", "draw", "metric", "value", "n_train", "n_test", "param"]
 
@@ -81,8 +93,9 @@ class EvaluationResult:
         Pearson r of every target gene: ``representation``, ``task``, ``fold``, ``shots``, ``gene``, ``pearson``
         (few-shot rows averaged over draws; NaN where the gene does not vary in the held-out slide).
     protocol
-        Everything needed to reproduce the scores: folds (test and training slides, target genes, label classes,
-        drawn spots by ``obs_names``, SPADE training record and fingerprint), seeds, grids, PCA, shots, draws.
+        Everything needed to reproduce the scores: folds (test and training slides, target genes and the slides
+        that chose them, label classes, drawn spots by ``obs_names``, the slides SPADE was trained on, its training
+        record and fingerprint), seeds, grids, PCA, shots, draws (every field: :func:`evaluate`'s Returns).
     """
 
     table: pd.DataFrame
@@ -327,8 +340,6 @@ def logistic_cv_predict(
     -------
     ``(predicted labels (m,), chosen C)``.
     """
-    import warnings
-
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import balanced_accuracy_score
 
@@ -372,22 +383,8 @@ class _Preprocess:
 # --------------------------------------------------------------------------------------------------------------------
 # cohort helpers
 # --------------------------------------------------------------------------------------------------------------------
-def _spot_tables(cohort: Mapping[str, SpatialData], table_key: str | None) -> dict[str, tuple[str, str, AnnData]]:
-    from ._spade import _spots_table
-
-    out = {}
-    for sid, sdata in cohort.items():
-        tkey, skey = _spots_table(sdata, table_key, None)
-        out[sid] = (tkey, skey, sdata.tables[tkey])
-    return out
-
-
 def _log1p_moments(table: AnnData, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-gene sum and sum of squares of log1p(normalize_total) over a table's spots, sparse-aware."""
-    from scipy import sparse
-
-    from ..pp._genes import _check_counts, _counts, _counts_source, _spot_scale
-
     source = _counts_source(table, None, "The table")
     counts = _counts(table, source)
     _check_counts(counts, "The table")
@@ -447,14 +444,12 @@ def top_variable_genes(
     return [genes[i] for i in order[: int(n_genes)]]
 
 
-def _light_copy(sdata: SpatialData, tkey: str, skey: str) -> SpatialData:
+def _light_copy(spots: Spots) -> SpatialData:
     """The spots, a copy of their table and the attrs of a slide: what tl.fit needs when features exist."""
-    import copy
-
     from spatialdata import SpatialData
 
-    out = SpatialData(shapes={skey: sdata.shapes[skey]}, tables={tkey: sdata.tables[tkey].copy()})
-    out.attrs.update(copy.deepcopy(dict(sdata.attrs)))
+    out = SpatialData(shapes={spots.shapes_key: spots.shapes}, tables={spots.table_key: spots.table.copy()})
+    out.attrs.update(copy.deepcopy(dict(spots.sdata.attrs)))
     return out
 
 
@@ -534,7 +529,7 @@ def predict_expression(
     sdata
         The query slide; its spot table needs the model's image features (see :func:`spade_sc.tl.embed`).
     model
-        A trained :class:`~spade_sc.tl.SpadeModel`.
+        A trained :class:`~spade_sc.model.SpadeModel`.
     reference
         Slides with expression (raw counts of the model's panel genes and of ``genes``), e.g. the training cohort.
     k
@@ -564,44 +559,34 @@ def predict_expression(
 
     Otherwise the ``(n_spots, n_genes)`` array.
     """
-    from ..pp import gene_matrix
-    from ._spade import ROUTINGS, _spots_table
-
     if not model.is_trained_:
         msg = "The model is not trained; fit it first (spade_sc.tl.fit)."
         raise ValueError(msg)
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        msg = f"k must be a positive integer, got {k!r}."
-        raise ValueError(msg)
-    routing = routing or model.init_params_["routing"]
-    if routing not in ROUTINGS:
-        msg = f"routing={routing!r}; choose one of {ROUTINGS}."
-        raise ValueError(msg)
-    features_key = features_key or model.features_key
+    k = check_int(k, "k")
+    routing = check_choice(routing or model.init_params_["routing"], "routing", ROUTINGS)
     genes = list(model.genes) if genes is None else [str(g) for g in genes]
-    tkey, _ = _spots_table(sdata, table_key, None)
-    table = sdata.tables[tkey]
-    feats = model._features(table, f"table {tkey!r}", features_key)
+    spots = resolve_spots(sdata, table_key)
+    table = spots.table
+    feats = model_features(model, table, where=f"table {spots.table_key!r}", features_key=features_key)
     ref = as_cohort(reference)
     ref_in, ref_y = [], []
     for name, s in ref.items():
-        rk, _ = _spots_table(s, reference_table_key, None)
-        t = s.tables[rk]
-        ref_in.append(model.gene_input_matrix(t))
+        t = resolve_spots(s, reference_table_key).table
+        ref_in.append(model_gene_input(model, t))
         ref_y.append(gene_matrix(t, genes, gene_input="log1p"))
         logger.debug("predict_expression: reference slide %s, %d spots", name, t.n_obs)
     ref_in_arr, ref_y_arr = np.concatenate(ref_in), np.concatenate(ref_y)
     if len(ref_y_arr) == 0:
         msg = "The reference holds no spots."
         raise ValueError(msg)
-    pred = _topk_mean(_joint_similarity_chunks(model, feats, ref_in_arr, routing), ref_y_arr, int(k)).astype(np.float32)
+    pred = _topk_mean(_joint_similarity_chunks(model, feats, ref_in_arr, routing), ref_y_arr, k).astype(np.float32)
     if not inplace:
         return pred
     table.obsm[key_added] = pred
     table.uns[key_added] = {
         "genes": genes,
         "params": {
-            "k": int(k),
+            "k": k,
             "routing": routing,
             "similarity": "cosine" if model.init_params_["loss"] == "infonce" else "dot",
             "n_reference_spots": len(ref_y_arr),
@@ -613,14 +598,112 @@ def predict_expression(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# evaluate
+# evaluate: what every fold shares
 # --------------------------------------------------------------------------------------------------------------------
-def _check_shots(values: Sequence[int], name: str) -> list[int]:
+@dataclass(frozen=True)
+class _Settings:
+    """The checked settings of one :func:`evaluate` call, the same for every fold."""
+
+    representations: list[str]
+    tasks: list[str]
+    n_genes: int
+    shots: list[int]
+    gene_shots: list[int]
+    n_draws: int
+    pca: list[bool]
+    n_pca: int
+    alphas: tuple[float, ...]
+    cs: tuple[float, ...]
+    few_shot_c: float
+    retrieval_k: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Cohort:
+    """The checked inputs of every slide: spots, features, labels, the representations that no fold changes.
+
+    The tables are the user's: read, never written.
+    """
+
+    features_key: str
+    spots: dict[str, Spots]
+    feats: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    fixed: dict[str, dict[str, np.ndarray]]
+
+    @property
+    def slides(self) -> list[str]:
+        return list(self.spots)
+
+    @cached_property
+    def tables(self) -> dict[str, AnnData]:
+        return {s: spots.table for s, spots in self.spots.items()}
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """One fold: its held-out and training slides, the models trained on the latter, every representation."""
+
+    name: str
+    index: int
+    test: list[str]
+    train: list[str]
+    cohort: _Cohort
+    settings: _Settings
+    models: dict[str, SpadeModel]
+    reps: dict[str, dict[str, np.ndarray]]
+
+    def stack(self, rep: str, slides: Sequence[str]) -> np.ndarray:
+        """The representation ``rep`` of the spots of ``slides``, in order."""
+        return np.concatenate([self.reps[rep][s] for s in slides])
+
+
+def _check_shots(values: int | Sequence[int], name: str) -> list[int]:
+    """Sorted distinct positive shot counts (an empty sequence: no few-shot rows)."""
     values = [values] if isinstance(values, int | np.integer) else list(values)
-    if any(isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1 for v in values):
-        msg = f"{name} must be positive integers, got {values!r}."
+    return sorted(set(check_ints(values, name))) if values else []
+
+
+def _check_settings(
+    representations: Sequence[str], tasks: Sequence[str], label_key: str | None, **kw: Any
+) -> _Settings:
+    """The settings of :func:`evaluate` (its keyword arguments of those names), checked.
+
+    ``"label"`` is dropped from the tasks without ``label_key``.
+    """
+    representations = list(dict.fromkeys(representations))
+    if not representations:
+        msg = "representations is empty."
         raise ValueError(msg)
-    return sorted({int(v) for v in values})
+    tasks = [check_choice(t, "tasks", TASKS) for t in dict.fromkeys(tasks)]
+    if not tasks:
+        msg = f"tasks is empty; choose among {TASKS}."
+        raise ValueError(msg)
+    if "label" in tasks and label_key is None:
+        tasks.remove("label")
+    shots, gene_shots = _check_shots(kw["shots"], "shots"), _check_shots(kw["gene_shots"], "gene_shots")
+    n_draws = check_int(kw["n_draws"], "n_draws")
+    pca = kw["pca"]
+    pca = [bool(p) for p in ([pca] if isinstance(pca, bool) else pca)]
+    if not pca and "expression" in tasks:
+        msg = "pca must hold False and / or True."
+        raise ValueError(msg)
+    return _Settings(
+        representations=representations,
+        tasks=tasks,
+        n_genes=check_int(kw["n_genes"], "n_genes"),
+        shots=shots,
+        gene_shots=gene_shots,
+        n_draws=n_draws,
+        pca=pca,
+        n_pca=check_int(kw["n_pca"], "n_pca"),
+        alphas=tuple(float(a) for a in kw["alphas"]),
+        cs=tuple(float(c) for c in kw["cs"]),
+        few_shot_c=float(kw["few_shot_c"]),
+        retrieval_k=check_int(kw["retrieval_k"], "retrieval_k"),
+        seed=check_int(kw["seed"], "seed", low=0),
+    )
 
 
 def _resolve_folds(
@@ -649,6 +732,129 @@ def _resolve_folds(
     return out
 
 
+def _check_features(spots: Mapping[str, Spots], features_key: str) -> dict[str, np.ndarray]:
+    """The features of every slide, checked, of one width."""
+    feats = {
+        sid: features_matrix(
+            s.table,
+            features_key,
+            where=f"Slide {sid!r}, table {s.table_key!r}",
+            hint="Compute it with spade_sc.pp.image_features.",
+        )
+        for sid, s in spots.items()
+    }
+    if len({x.shape[1] for x in feats.values()}) > 1:
+        dims = {s: x.shape[1] for s, x in feats.items()}
+        msg = f"obsm[{features_key!r}] differs in dimension across slides: {dims}."
+        raise ValueError(msg)
+    return feats
+
+
+def _check_obsm_representations(spots: Mapping[str, Spots], representations: Sequence[str]) -> None:
+    known = REPRESENTATIONS + EXTRA_REPRESENTATIONS
+    for rep in representations:
+        missing = [sid for sid, s in spots.items() if rep not in known and rep not in s.table.obsm]
+        if missing:
+            msg = (
+                f"Representation {rep!r} is neither one of {known} nor an obsm key of every slide "
+                f"(missing in {missing})."
+            )
+            raise ValueError(msg)
+
+
+def _labels(spots: Mapping[str, Spots], label_key: str, group_key: str | None) -> dict[str, np.ndarray]:
+    """Every spot's group and label joined by the unit separator (None where unlabelled): compared within a group."""
+    labels = {}
+    for sid, s in spots.items():
+        t = s.table
+        for key in (label_key, group_key):
+            if key is not None and key not in t.obs:
+                msg = f"Slide {sid!r}, table {s.table_key!r}: obs[{key!r}] is missing."
+                raise KeyError(msg)
+        lab = t.obs[label_key]
+        ok = lab.notna().to_numpy()
+        grp = np.full(t.n_obs, "", dtype=object) if group_key is None else t.obs[group_key].astype(str).to_numpy()
+        labels[sid] = np.where(ok, grp.astype(str) + "\x1f" + lab.astype(str).to_numpy(), None)
+    return labels
+
+
+def _check_fit_kwargs(fit_kwargs: Mapping[str, Any] | None, seed: int) -> dict[str, Any]:
+    fit_kwargs = dict(fit_kwargs or {})
+    for k in ("key_added", "features_key", "table_key"):
+        if k in fit_kwargs:
+            msg = f"fit_kwargs may not set {k!r} (evaluate sets it)."
+            raise ValueError(msg)
+    fit_kwargs.setdefault("seed", seed)
+    fit_kwargs.setdefault("progress", False)
+    return fit_kwargs
+
+
+def _fixed_representations(
+    feats: Mapping[str, np.ndarray], representations: Sequence[str], projection_dim: int, seed: int, heads_seed: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """The representations that no fold changes: the features, their random projection, the untrained heads."""
+    dim = next(iter(feats.values())).shape[1]
+    out: dict[str, dict[str, np.ndarray]] = {"base": dict(feats)}
+    if "random_projection" in representations:
+        projection = _fold_seed(seed, 7).standard_normal((dim, projection_dim)) / np.sqrt(projection_dim)
+        projection = projection.astype(np.float32)
+        out["random_projection"] = {s: x @ projection for s, x in feats.items()}
+    if "untrained_heads" in representations:
+        import torch
+
+        from ..model import BatchedExperts
+
+        # the image head of a single expert exactly as SpadeModel initialises it (image heads are drawn first)
+        heads = BatchedExperts(1, dim, 1, seed=int(heads_seed)).eval()
+        with torch.no_grad():
+            out["untrained_heads"] = {
+                s: heads.image_embed_all(torch.as_tensor(x))[:, 0].numpy() for s, x in feats.items()
+            }
+    return out
+
+
+def _protocol(
+    settings: _Settings,
+    *,
+    features_key: str,
+    label_key: str | None,
+    label_group_key: str | None,
+    projection_dim: int,
+    fit_kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The settings of the call, as recorded in ``EvaluationResult.protocol`` (the folds are added as they run)."""
+    s = settings
+    return {
+        "features_key": features_key,
+        "representations": s.representations,
+        "tasks": s.tasks,
+        "label_key": label_key,
+        "label_group_key": label_group_key,
+        "n_genes": s.n_genes,
+        "gene_selection": "variance of log1p(normalize_total(1e4)) over the training slides' spots",
+        "shots": s.shots,
+        "gene_shots": s.gene_shots,
+        "n_draws": s.n_draws,
+        "pca": s.pca,
+        "n_pca": s.n_pca,
+        "preprocessing": "StandardScaler (+ PCA) fitted on the features of all training spots",
+        "alphas": list(s.alphas),
+        "alpha_selection": "inner leave-one-slide-out CV (3+ slides; else shuffled 5-fold), MSE over genes",
+        "cs": list(s.cs),
+        "c_selection": "inner leave-one-slide-out CV (3+ slides; else shuffled 5-fold), balanced accuracy",
+        "few_shot_c": s.few_shot_c,
+        "retrieval_k": s.retrieval_k,
+        "retrieval": "SPADE: sum_k w_k(query) <f_k(x_query), g_k(y_ref)>; others: cosine of features",
+        "projection_dim": projection_dim,
+        "fit_kwargs": {k: v for k, v in fit_kwargs.items() if k != "trainer_kwargs"},
+        "seed": s.seed,
+        "folds": {},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------------------------
 def evaluate(
     cohort: Mapping[str, SpatialData] | Sequence[SpatialData],
     *,
@@ -689,13 +895,15 @@ def evaluate(
        trained: what SPADE's architecture does without the expression, a control); any other name is read from
        ``obsm[name]`` (e.g. another encoder's features).
     3. ``"expression"``: targets are the log1p-normalised expression (:func:`spade_sc.pp.gene_matrix`) of the
-       ``n_genes`` genes of highest variance over the **training** slides' spots (:func:`top_variable_genes`;
-       the same genes for all shots). Features are standardised, optionally projected by PCA to ``n_pca``
-       components (task ``"expression_pca"``), both fitted on the features of all training spots (no expression
-       used); a ridge regression with ``alpha`` chosen from ``alphas`` by inner leave-one-slide-out CV
-       (:func:`ridge_cv_predict`) predicts the held-out spots; score: Pearson r per gene over the held-out spots,
-       averaged over genes (genes constant on the held-out slide are skipped). Few-shot: ``gene_shots`` spots drawn
-       uniformly from the training spots, ``n_draws`` times.
+       ``n_genes`` genes of highest variance of that expression over the **training** slides' spots (among the
+       genes every slide holds; ties broken by name; the same genes for all shots). Features are standardised,
+       optionally projected by PCA to ``n_pca`` components (task ``"expression_pca"``), both fitted on the
+       features of all training spots (no expression used); a ridge regression (with intercept) with ``alpha``
+       chosen from ``alphas`` by inner cross-validation (leave one training slide out with 3 or more training
+       slides, else shuffled 5-fold; squared error summed over genes), then refitted on all training spots,
+       predicts the held-out spots; score: Pearson r per gene over the held-out spots, averaged over genes (genes
+       constant on the held-out slide are skipped). Few-shot: ``gene_shots`` spots drawn uniformly from the
+       training spots, ``n_draws`` times.
     4. ``"label"`` (when ``label_key`` is given): a multinomial logistic regression on standardised features.
        Labels are only compared within a ``label_group_key`` group (e.g. the patient, when clusters are named per
        patient): the training spots are the labelled spots of the training slides in the held-out slide's group;
@@ -741,9 +949,9 @@ def evaluate(
     n_genes
         Target genes of the expression tasks.
     shots
-        Labelled spots per class of the few-shot label probe.
+        Labelled spots per class of the few-shot label probe (empty: all labels only).
     gene_shots
-        Labelled spots (in total) of the few-shot expression task.
+        Labelled spots (in total) of the few-shot expression task (empty: all training spots only).
     n_draws
         Draws per few-shot setting.
     pca
@@ -770,251 +978,184 @@ def evaluate(
     Returns
     -------
     EvaluationResult
-        ``.table`` (tidy scores), ``.per_gene``, ``.protocol``, ``.summary()``, ``.compare()``. Nothing is written
-        into ``cohort``.
+        ``.table`` (tidy scores), ``.per_gene`` (per-gene Pearson r), ``.summary()``, ``.compare()`` (see
+        :class:`EvaluationResult`) and ``.protocol``, a JSON-safe dict:
+
+        - the settings: ``features_key``, ``representations``, ``tasks`` (without ``"label"`` when ``label_key`` is
+          None), ``label_key``, ``label_group_key``, ``n_genes``, ``shots``, ``gene_shots``, ``n_draws``, ``pca``,
+          ``n_pca``, ``alphas``, ``cs``, ``few_shot_c``, ``retrieval_k``, ``projection_dim``, ``seed``,
+          ``fit_kwargs`` (without ``trainer_kwargs``), and the rules in words: ``gene_selection``,
+          ``preprocessing``, ``alpha_selection``, ``c_selection``, ``retrieval``;
+        - ``seconds``: wall time of the folds;
+        - ``folds``: ``{fold name: record}``, each record holding ``test`` and ``train`` (slide ids), ``seconds``,
+          and where the tasks ran:
+
+          - ``spade`` / ``single_expert`` (when a representation needs it): the model trained in the fold:
+            ``slides`` (the slide ids whose copies :func:`spade_sc.tl.fit` trained it on), ``fingerprint``,
+            ``n_experts``, ``n_panel_genes``, ``init_params``, ``train_params`` (``epochs_run``, ``best_epoch``,
+            ``best_val_loss``, ``train_groups``, ``validation_groups``);
+          - ``gene_selection_slides`` (the slide ids whose expression chose the target genes), ``genes`` (the
+            targets), ``expression_draws`` (``{shots: [obs_names of each draw]}``);
+          - ``label_train`` (labelled training slides of the held-out slides' group), ``label_skipped`` (why, when
+            no such slide exists), ``label_classes`` (``{class: training spots}``), ``label_unseen_test_spots`` and
+            ``label_unseen_test_classes`` (held-out spots and classes without training spots, not scored),
+            ``label_draws`` (``{k: {"classes", "n_test_scored", "spots"}}``, spots by ``obs_names``).
+
+        Nothing is written into ``cohort``.
     """
     from tqdm.auto import tqdm
 
-    from ._spade import fit
-
     slides_map = as_cohort(cohort)
-    slides = list(slides_map)
-    representations = list(dict.fromkeys(representations))
-    if not representations:
-        msg = "representations is empty."
-        raise ValueError(msg)
-    tasks = list(dict.fromkeys(tasks))
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        msg = f"tasks={tasks!r}; choose among {TASKS}."
-        raise ValueError(msg)
-    if "label" in tasks and label_key is None:
-        tasks.remove("label")
-    shots = _check_shots(shots, "shots")
-    gene_shots = _check_shots(gene_shots, "gene_shots")
-    if isinstance(n_draws, bool) or not isinstance(n_draws, int | np.integer) or n_draws < 1:
-        msg = f"n_draws must be a positive integer, got {n_draws!r}."
-        raise ValueError(msg)
-    pca = [bool(p) for p in ([pca] if isinstance(pca, bool) else pca)]
-    if not pca and "expression" in tasks:
-        msg = "pca must hold False and / or True."
-        raise ValueError(msg)
-    fold_map = _resolve_folds(slides, folds)
+    settings = _check_settings(
+        representations,
+        tasks,
+        label_key,
+        shots=shots,
+        gene_shots=gene_shots,
+        n_draws=n_draws,
+        pca=pca,
+        n_genes=n_genes,
+        n_pca=n_pca,
+        alphas=alphas,
+        cs=cs,
+        few_shot_c=few_shot_c,
+        retrieval_k=retrieval_k,
+        seed=seed,
+    )
+    fold_map = _resolve_folds(list(slides_map), folds)
+    projection_dim = check_int(projection_dim, "projection_dim")
 
-    # ---- validation of the inputs (nothing is computed before it passes) ----
-    spot_tables = _spot_tables(slides_map, table_key)
-    feats: dict[str, np.ndarray] = {}
-    for sid, (tkey, _, t) in spot_tables.items():
-        if features_key not in t.obsm:
-            msg = (
-                f"Slide {sid!r}, table {tkey!r}: obsm[{features_key!r}] is missing; compute it with "
-                "spade_sc.pp.image_features."
-            )
-            raise KeyError(msg)
-        x = np.asarray(t.obsm[features_key], dtype=np.float32)
-        if x.ndim != 2 or not np.isfinite(x).all():
-            msg = f"Slide {sid!r}: obsm[{features_key!r}] must be a finite 2-D array, got shape {x.shape}."
-            raise ValueError(msg)
-        feats[sid] = x
-    if len({x.shape[1] for x in feats.values()}) > 1:
-        msg = (
-            f"obsm[{features_key!r}] differs in dimension across slides: { {s: x.shape[1] for s, x in feats.items()} }."
-        )
-        raise ValueError(msg)
-    for rep in representations:
-        if rep in REPRESENTATIONS or rep in EXTRA_REPRESENTATIONS:
-            continue
-        missing = [sid for sid, (_, _, t) in spot_tables.items() if rep not in t.obsm]
-        if missing:
-            msg = (
-                f"Representation {rep!r} is neither one of {REPRESENTATIONS + EXTRA_REPRESENTATIONS} nor an obsm key "
-                "of every slide "
-                f"(missing in {missing})."
-            )
-            raise ValueError(msg)
-    labels: dict[str, np.ndarray] = {}
-    if "label" in tasks:
-        for sid, (tkey, _, t) in spot_tables.items():
-            for key in (label_key, label_group_key):
-                if key is not None and key not in t.obs:
-                    msg = f"Slide {sid!r}, table {tkey!r}: obs[{key!r}] is missing."
-                    raise KeyError(msg)
-            lab = t.obs[label_key]
-            ok = lab.notna().to_numpy()
-            grp = (
-                np.full(t.n_obs, "", dtype=object)
-                if label_group_key is None
-                else t.obs[label_group_key].astype(str).to_numpy()
-            )
-            lab_s = np.where(ok, grp.astype(str) + "\x1f" + lab.astype(str).to_numpy(), None)
-            labels[sid] = lab_s
-    fit_kwargs = dict(fit_kwargs or {})
-    for k in ("key_added", "features_key", "table_key"):
-        if k in fit_kwargs:
-            msg = f"fit_kwargs may not set {k!r} (evaluate sets it)."
-            raise ValueError(msg)
-    fit_kwargs.setdefault("seed", seed)
-    fit_kwargs.setdefault("progress", False)
-    need_spade = any(r in ("spade_soft", "spade_hard", "spade_uniform") for r in representations)
-    need_single = "single_expert" in representations
-    dim = next(iter(feats.values())).shape[1]
-    projection = None
-    if "random_projection" in representations:
-        projection = (_fold_seed(seed, 7).standard_normal((dim, int(projection_dim))) / np.sqrt(projection_dim)).astype(
-            np.float32
-        )
-
-    untrained: dict[str, np.ndarray] = {}
-    if "untrained_heads" in representations:
-        import torch
-
-        from ..model import BatchedExperts
-
-        # the image head of a single expert exactly as SpadeModel initialises it (image heads are drawn first)
-        heads = BatchedExperts(1, dim, 1, seed=int(fit_kwargs["seed"])).eval()
-        with torch.no_grad():
-            untrained = {s: heads.image_embed_all(torch.as_tensor(x))[:, 0].numpy() for s, x in feats.items()}
-
-    protocol: dict[str, Any] = {
-        "features_key": features_key,
-        "representations": representations,
-        "tasks": tasks,
-        "label_key": label_key,
-        "label_group_key": label_group_key,
-        "n_genes": int(n_genes),
-        "gene_selection": "variance of log1p(normalize_total(1e4)) over the training slides' spots",
-        "shots": shots,
-        "gene_shots": gene_shots,
-        "n_draws": int(n_draws),
-        "pca": pca,
-        "n_pca": int(n_pca),
-        "preprocessing": "StandardScaler (+ PCA) fitted on the features of all training spots",
-        "alphas": [float(a) for a in alphas],
-        "alpha_selection": "inner leave-one-slide-out CV (3+ slides; else shuffled 5-fold), MSE over genes",
-        "cs": [float(c) for c in cs],
-        "c_selection": "inner leave-one-slide-out CV (3+ slides; else shuffled 5-fold), balanced accuracy",
-        "few_shot_c": float(few_shot_c),
-        "retrieval_k": int(retrieval_k),
-        "retrieval": "SPADE: sum_k w_k(query) <f_k(x_query), g_k(y_ref)>; others: cosine of features",
-        "projection_dim": int(projection_dim),
-        "fit_kwargs": {k: v for k, v in fit_kwargs.items() if k != "trainer_kwargs"},
-        "seed": int(seed),
-        "folds": {},
-    }
+    # ---- the inputs, checked before anything is computed
+    spots = {sid: resolve_spots(s, table_key) for sid, s in slides_map.items()}
+    feats = _check_features(spots, features_key)
+    _check_obsm_representations(spots, settings.representations)
+    labels = _labels(spots, label_key, label_group_key) if "label" in settings.tasks else {}
+    fit_kwargs = _check_fit_kwargs(fit_kwargs, seed)
+    fixed = _fixed_representations(feats, settings.representations, projection_dim, seed, fit_kwargs["seed"])
+    data = _Cohort(features_key=features_key, spots=spots, feats=feats, labels=labels, fixed=fixed)
+    protocol = _protocol(
+        settings,
+        features_key=features_key,
+        label_key=label_key,
+        label_group_key=label_group_key,
+        projection_dim=projection_dim,
+        fit_kwargs=fit_kwargs,
+    )
 
     rows: list[dict[str, Any]] = []
     gene_rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    bar = tqdm(list(fold_map.items()), desc="evaluate", disable=not progress)
-    for fold_idx, (fold, test) in enumerate(bar):
-        t0 = time.perf_counter()
-        train = [s for s in slides if s not in test]
-        rec: dict[str, Any] = {"test": list(test), "train": train}
-        protocol["folds"][fold] = rec
-
-        # -- 1. SPADE on copies of the training slides only
-        models: dict[str, SpadeModel] = {}
-        if need_spade or need_single:
-            copies = {s: _light_copy(slides_map[s], spot_tables[s][0], spot_tables[s][1]) for s in train}
-            tk = table_key
-            if need_spade:
-                models["spade"] = fit(copies, features_key=features_key, table_key=tk, **fit_kwargs)
-            if need_single and need_spade and fit_kwargs.get("n_experts") == 1:
-                models["single_expert"] = models["spade"]  # SPADE is a single expert already: same training
-            elif need_single:
-                kw = {**fit_kwargs, "n_experts": 1, "n_clusters_per_tissue": 1}
-                models["single_expert"] = fit(copies, features_key=features_key, table_key=tk, **kw)
-            del copies
-            for name, m in models.items():
-                rec[name] = {
-                    "fingerprint": m.fingerprint(),
-                    "n_experts": m.n_experts,
-                    "n_panel_genes": len(m.genes),
-                    "train_params": {
-                        k: v
-                        for k, v in m.train_params_.items()
-                        if k in ("epochs_run", "best_epoch", "best_val_loss", "train_groups", "validation_groups")
-                    },
-                    "init_params": dict(m.init_params_),
-                }
-
-        # -- 2. representations of every spot
-        reps: dict[str, dict[str, np.ndarray]] = {}
-        for rep in representations:
-            if rep == "base":
-                reps[rep] = feats
-            elif rep == "random_projection":
-                reps[rep] = {s: x @ projection for s, x in feats.items()}
-            elif rep == "untrained_heads":
-                reps[rep] = untrained
-            elif rep in _SPADE_ROUTING:
-                m = models["single_expert" if rep == "single_expert" else "spade"]
-                reps[rep] = {s: m.get_image_embedding(x, _SPADE_ROUTING[rep])[0] for s, x in feats.items()}
-            else:
-                reps[rep] = {s: np.asarray(spot_tables[s][2].obsm[rep], dtype=np.float32) for s in slides}
-
-        # -- 3 / 5. expression prediction and retrieval
-        if "expression" in tasks or "retrieval" in tasks:
-            _expression_fold(
-                fold,
-                fold_idx,
-                test,
-                train,
-                {s: spot_tables[s][2] for s in slides},
-                reps,
-                feats,
-                models,
-                representations,
-                rec,
-                rows,
-                gene_rows,
-                tasks=tasks,
-                n_genes=int(n_genes),
-                gene_shots=gene_shots,
-                n_draws=int(n_draws),
-                pca=pca,
-                n_pca=int(n_pca),
-                alphas=alphas,
-                retrieval_k=int(retrieval_k),
-                seed=seed,
-            )
-
-        # -- 4. label probe within the held-out slides' label group
-        if "label" in tasks:
-            _label_fold(
-                fold,
-                fold_idx,
-                test,
-                train,
-                labels,
-                reps,
-                representations,
-                rec,
-                rows,
-                shots=shots,
-                n_draws=int(n_draws),
-                cs=cs,
-                few_shot_c=few_shot_c,
-                seed=seed,
-                obs_names={s: spot_tables[s][2].obs_names.to_numpy() for s in slides},
-            )
-        rec["seconds"] = round(time.perf_counter() - t0, 2)
-        logger.info("evaluate: fold %s (test %s) done in %.1f s", fold, test, rec["seconds"])
+    for index, (name, test) in enumerate(tqdm(list(fold_map.items()), desc="evaluate", disable=not progress)):
+        rec, fold_rows, fold_gene_rows = _run_fold(data, settings, fit_kwargs, name, index, test)
+        protocol["folds"][name] = rec
+        rows += fold_rows
+        gene_rows += fold_gene_rows
     protocol["seconds"] = round(time.perf_counter() - t_start, 2)
+    table, per_gene = _tables(rows, gene_rows, settings)
+    return EvaluationResult(table=table, per_gene=per_gene, protocol=protocol)
 
-    used = set(shots if "label" in tasks else []) | set(gene_shots if "expression" in tasks else [])
+
+def _tables(
+    rows: list[dict[str, Any]], gene_rows: list[dict[str, Any]], settings: _Settings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tidy scores and the per-gene scores, ``shots`` ordered (numbers up, then ``"all"``)."""
+    used = set(settings.shots if "label" in settings.tasks else [])
+    used |= set(settings.gene_shots if "expression" in settings.tasks else [])
     shot_cats = [str(s) for s in sorted(used)] + [ALL]
     table = pd.DataFrame(rows, columns=_COLUMNS)
     table["shots"] = pd.Categorical(table["shots"], categories=shot_cats, ordered=True)
     table = table.astype({"draw": np.int64, "n_train": np.int64, "n_test": np.int64, "value": np.float64})
     per_gene = pd.DataFrame(gene_rows, columns=["representation", "task", "fold", "shots", "gene", "pearson"])
     per_gene["shots"] = pd.Categorical(per_gene["shots"], categories=shot_cats, ordered=True)
-    return EvaluationResult(table=table, per_gene=per_gene, protocol=protocol)
+    return table, per_gene
 
 
-def _add_gene_scores(
-    rows: list[dict[str, Any]],
-    gene_rows: list[dict[str, Any]],
+# --------------------------------------------------------------------------------------------------------------------
+# one fold
+# --------------------------------------------------------------------------------------------------------------------
+def _run_fold(
+    data: _Cohort, settings: _Settings, fit_kwargs: Mapping[str, Any], name: str, index: int, test: list[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(protocol record, score rows, per-gene rows) of one fold."""
+    t0 = time.perf_counter()
+    train = [s for s in data.slides if s not in test]
+    rec: dict[str, Any] = {"test": list(test), "train": train}
+    models, model_records = _fit_models(data, train, settings.representations, fit_kwargs)
+    rec.update(model_records)
+    fold = _Fold(name, index, list(test), train, data, settings, models, _fold_representations(data, settings, models))
+    rows: list[dict[str, Any]] = []
+    gene_rows: list[dict[str, Any]] = []
+    if "expression" in settings.tasks or "retrieval" in settings.tasks:
+        expression_rows, expression_gene_rows, expression_rec = _expression_fold(fold)
+        rows += expression_rows
+        gene_rows += expression_gene_rows
+        rec.update(expression_rec)
+    if "label" in settings.tasks:
+        label_rows, label_rec = _label_fold(fold)
+        rows += label_rows
+        rec.update(label_rec)
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    logger.info("evaluate: fold %s (test %s) done in %.1f s", name, test, rec["seconds"])
+    return rec, rows, gene_rows
+
+
+def _fit_models(
+    data: _Cohort, train: list[str], representations: Sequence[str], fit_kwargs: Mapping[str, Any]
+) -> tuple[dict[str, SpadeModel], dict[str, dict[str, Any]]]:
+    """SPADE (and the single expert) trained on copies of the training slides only, and their records."""
+    need_spade = any(r in _SPADE_REPS for r in representations)
+    need_single = "single_expert" in representations
+    models: dict[str, SpadeModel] = {}
+    if not (need_spade or need_single):
+        return models, {}
+    copies = {s: _light_copy(data.spots[s]) for s in train}  # one table, one shapes element each: no keys to pass
+    if need_spade:
+        models["spade"] = fit(copies, features_key=data.features_key, **fit_kwargs)
+    if need_single and need_spade and fit_kwargs.get("n_experts") == 1:
+        models["single_expert"] = models["spade"]  # SPADE is a single expert already: same training
+    elif need_single:
+        kw = {**fit_kwargs, "n_experts": 1, "n_clusters_per_tissue": 1}
+        models["single_expert"] = fit(copies, features_key=data.features_key, **kw)
+    records = {
+        name: {
+            "slides": list(copies),
+            "fingerprint": m.fingerprint(),
+            "n_experts": m.n_experts,
+            "n_panel_genes": len(m.genes),
+            "train_params": {
+                k: v
+                for k, v in m.train_params_.items()
+                if k in ("epochs_run", "best_epoch", "best_val_loss", "train_groups", "validation_groups")
+            },
+            "init_params": dict(m.init_params_),
+        }
+        for name, m in models.items()
+    }
+    return models, records
+
+
+def _model_of(rep: str) -> str:
+    """The fold's model behind a SPADE representation."""
+    return "single_expert" if rep == "single_expert" else "spade"
+
+
+def _fold_representations(
+    data: _Cohort, settings: _Settings, models: Mapping[str, SpadeModel]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every representation of every spot in this fold: ``{representation: {slide: (n_spots, d)}}``."""
+    reps: dict[str, dict[str, np.ndarray]] = {}
+    for rep in settings.representations:
+        if rep in data.fixed:
+            reps[rep] = data.fixed[rep]
+        elif rep in _SPADE_ROUTING:
+            m = models[_model_of(rep)]
+            reps[rep] = {s: m.get_image_embedding(x, _SPADE_ROUTING[rep])[0] for s, x in data.feats.items()}
+        else:
+            reps[rep] = {s: np.asarray(t.obsm[rep], dtype=np.float32) for s, t in data.tables.items()}
+    return reps
+
+
+def _gene_scores(
     scores: list[tuple[np.ndarray, int, float]],
     *,
     rep: str,
@@ -1023,214 +1164,255 @@ def _add_gene_scores(
     shot: str,
     genes: list[str],
     n_test: int,
-) -> None:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One row per draw (mean Pearson over genes) and one per gene (mean over draws)."""
-    for d, (r, n_train, param) in enumerate(scores):
-        rows.append(
-            {
-                "representation": rep,
-                "task": task,
-                "fold": fold,
-                "shots": shot,
-                "draw": d,
-                "metric": "pearson",
-                "value": float(np.nanmean(r)) if np.isfinite(r).any() else np.nan,
-                "n_train": n_train,
-                "n_test": n_test,
-                "param": param,
-            }
-        )
+    rows = [
+        {
+            "representation": rep,
+            "task": task,
+            "fold": fold,
+            "shots": shot,
+            "draw": d,
+            "metric": "pearson",
+            "value": float(np.nanmean(r)) if np.isfinite(r).any() else np.nan,
+            "n_train": n_train,
+            "n_test": n_test,
+            "param": param,
+        }
+        for d, (r, n_train, param) in enumerate(scores)
+    ]
     stacked = np.stack([r for r, _, _ in scores])
     with np.errstate(invalid="ignore"):
         per = stacked[0] if len(stacked) == 1 else np.nanmean(np.where(np.isfinite(stacked), stacked, np.nan), 0)
-    for g, v in zip(genes, per, strict=True):
-        gene_rows.append({"representation": rep, "task": task, "fold": fold, "shots": shot, "gene": g, "pearson": v})
+    gene_rows = [
+        {"representation": rep, "task": task, "fold": fold, "shots": shot, "gene": g, "pearson": v}
+        for g, v in zip(genes, per, strict=True)
+    ]
+    return rows, gene_rows
 
 
-def _expression_fold(
-    fold: str,
-    fold_idx: int,
-    test: list[str],
-    train: list[str],
-    tables: dict[str, AnnData],
-    reps: dict[str, dict[str, np.ndarray]],
-    feats: dict[str, np.ndarray],
-    models: dict[str, SpadeModel],
-    representations: list[str],
-    rec: dict[str, Any],
-    rows: list[dict[str, Any]],
-    gene_rows: list[dict[str, Any]],
-    *,
-    tasks: list[str],
-    n_genes: int,
-    gene_shots: list[int],
-    n_draws: int,
-    pca: list[bool],
-    n_pca: int,
-    alphas: Sequence[float],
-    retrieval_k: int,
-    seed: int,
-) -> None:
-    """Protocols 1 (ridge, with / without PCA, all and few training spots) and 3 (retrieval) on one fold."""
-    import warnings
+# --------------------------------------------------------------------------------------------------------------------
+# one fold: expression prediction (protocol 3) and retrieval (protocol 5)
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Targets:
+    """The expression targets of a fold: genes, log1p expression of training and held-out spots, few-shot draws."""
 
-    from ..pp import gene_matrix
+    genes: list[str]
+    y_tr: np.ndarray
+    y_te: np.ndarray
+    groups: np.ndarray
+    draws: dict[int, list[np.ndarray]]
 
-    # target genes: the most variable of the training slides (names shared by every slide, the held-out one's
-    # expression never read here)
+    def common(self, fold: _Fold) -> dict[str, Any]:
+        return {"fold": fold.name, "genes": self.genes, "n_test": len(self.y_te)}
+
+
+def _expression_fold(fold: _Fold) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """(score rows, per-gene rows, protocol record) of protocols 3 (ridge, with / without PCA) and 5 (retrieval)."""
+    targets, rec = _expression_targets(fold)
+    rows: list[dict[str, Any]] = []
+    gene_rows: list[dict[str, Any]] = []
+    for rep in fold.settings.representations:
+        x_tr, x_te = fold.stack(rep, fold.train), fold.stack(rep, fold.test)
+        if "expression" in fold.settings.tasks:
+            for use_pca in fold.settings.pca:
+                r, g = _ridge_scores(fold, targets, rep, x_tr, x_te, use_pca)
+                rows += r
+                gene_rows += g
+        if "retrieval" in fold.settings.tasks:
+            r, g = _retrieval_scores(fold, targets, rep, x_tr, x_te)
+            rows += r
+            gene_rows += g
+    return rows, gene_rows, rec
+
+
+def _expression_targets(fold: _Fold) -> tuple[_Targets, dict[str, Any]]:
+    """The targets of a fold and their record; the held-out slides' expression is read for the scores only."""
+    s, tables = fold.settings, fold.cohort.tables
+    # target genes: the most variable of the training slides, among the names every slide holds
     shared = set.intersection(*[set(t.var_names) for t in tables.values()])
-    genes = top_variable_genes([tables[s] for s in train], n_genes, genes=sorted(shared))
-    rec["genes"] = genes
-    y_tr = np.concatenate([gene_matrix(tables[s], genes, gene_input="log1p") for s in train])
-    y_te = np.concatenate([gene_matrix(tables[s], genes, gene_input="log1p") for s in test])
-    groups = np.concatenate([np.full(tables[s].n_obs, s, dtype=object) for s in train])
+    selection = {sid: tables[sid] for sid in fold.train}
+    genes = top_variable_genes(list(selection.values()), s.n_genes, genes=sorted(shared))
+    rec: dict[str, Any] = {"gene_selection_slides": list(selection), "genes": genes}
+    y_tr = np.concatenate([gene_matrix(tables[sid], genes, gene_input="log1p") for sid in fold.train])
+    y_te = np.concatenate([gene_matrix(tables[sid], genes, gene_input="log1p") for sid in fold.test])
+    groups = np.concatenate([np.full(tables[sid].n_obs, sid, dtype=object) for sid in fold.train])
     n_tr = len(y_tr)
     draws: dict[int, list[np.ndarray]] = {}
-    if "expression" in tasks:
-        for n in gene_shots:
+    if "expression" in s.tasks:
+        for n in s.gene_shots:
             if n > n_tr:
-                logger.warning("evaluate: fold %s has %d training spots; skipping gene shots %d.", fold, n_tr, n)
+                logger.warning("evaluate: fold %s has %d training spots; skipping gene shots %d.", fold.name, n_tr, n)
                 continue
             draws[n] = [
-                np.sort(_fold_seed(seed, fold_idx, _TASK_CODE["expression"], n, d).choice(n_tr, n, replace=False))
-                for d in range(n_draws)
+                np.sort(_fold_seed(s.seed, fold.index, _TASK_CODE["expression"], n, d).choice(n_tr, n, replace=False))
+                for d in range(s.n_draws)
             ]
-        names = np.concatenate([tables[s].obs_names.to_numpy() for s in train])
+        names = np.concatenate([tables[sid].obs_names.to_numpy() for sid in fold.train])
         rec["expression_draws"] = {str(n): [names[i].tolist() for i in ds] for n, ds in draws.items()}
-    common = {"fold": fold, "genes": genes, "n_test": len(y_te)}
-
-    for rep in representations:
-        x_tr = np.concatenate([reps[rep][s] for s in train])
-        x_te = np.concatenate([reps[rep][s] for s in test])
-        for use_pca in pca if "expression" in tasks else []:
-            task = "expression_pca" if use_pca else "expression"
-            prep = _Preprocess(x_tr, n_pca if use_pca else None, seed)
-            z_tr, z_te = prep(x_tr), prep(x_te)
-            pred, alpha = ridge_cv_predict(z_tr, y_tr, z_te, alphas=alphas, groups=groups, seed=seed)
-            scores = [(pearson_per_gene(y_te, pred), n_tr, alpha)]
-            _add_gene_scores(rows, gene_rows, scores, rep=rep, task=task, shot=ALL, **common)
-            for n, ds in draws.items():
-                scores = []
-                for d, idx in enumerate(ds):
-                    pred, alpha = ridge_cv_predict(
-                        z_tr[idx], y_tr[idx], z_te, alphas=alphas, groups=groups[idx], seed=seed + d
-                    )
-                    scores.append((pearson_per_gene(y_te, pred), n, alpha))
-                _add_gene_scores(rows, gene_rows, scores, rep=rep, task=task, shot=str(n), **common)
-        if "retrieval" in tasks:
-            if rep in _SPADE_ROUTING:
-                m = models["single_expert" if rep == "single_expert" else "spade"]
-                ref_in = np.concatenate([m.gene_input_matrix(tables[s]) for s in train])
-                query = np.concatenate([feats[s] for s in test])
-                sims = _joint_similarity_chunks(m, query, ref_in, _SPADE_ROUTING[rep])
-            else:
-                sims = _cosine_chunks(x_te, x_tr)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                pred = _topk_mean(sims, y_tr, retrieval_k)
-            scores = [(pearson_per_gene(y_te, pred), n_tr, np.nan)]
-            _add_gene_scores(rows, gene_rows, scores, rep=rep, task="retrieval", shot=ALL, **common)
+    return _Targets(genes, y_tr, y_te, groups, draws), rec
 
 
-def _label_fold(
-    fold: str,
-    fold_idx: int,
-    test: list[str],
-    train: list[str],
-    labels: dict[str, np.ndarray],
-    reps: dict[str, dict[str, np.ndarray]],
-    representations: list[str],
-    rec: dict[str, Any],
-    rows: list[dict[str, Any]],
-    *,
-    shots: list[int],
-    n_draws: int,
-    cs: Sequence[float],
-    few_shot_c: float,
-    seed: int,
-    obs_names: dict[str, np.ndarray],
-) -> None:
-    import warnings
+def _ridge_scores(
+    fold: _Fold, targets: _Targets, rep: str, x_tr: np.ndarray, x_te: np.ndarray, use_pca: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Protocol 3 for one representation, with or without PCA: all training spots, then every few-shot draw."""
+    s, t = fold.settings, targets
+    task = "expression_pca" if use_pca else "expression"
+    prep = _Preprocess(x_tr, s.n_pca if use_pca else None, s.seed)
+    z_tr, z_te = prep(x_tr), prep(x_te)
+    pred, alpha = ridge_cv_predict(z_tr, t.y_tr, z_te, alphas=s.alphas, groups=t.groups, seed=s.seed)
+    scores = [(pearson_per_gene(t.y_te, pred), len(t.y_tr), alpha)]
+    rows, gene_rows = _gene_scores(scores, rep=rep, task=task, shot=ALL, **t.common(fold))
+    for n, ds in t.draws.items():
+        scores = []
+        for d, idx in enumerate(ds):
+            pred, alpha = ridge_cv_predict(
+                z_tr[idx], t.y_tr[idx], z_te, alphas=s.alphas, groups=t.groups[idx], seed=s.seed + d
+            )
+            scores.append((pearson_per_gene(t.y_te, pred), n, alpha))
+        r, g = _gene_scores(scores, rep=rep, task=task, shot=str(n), **t.common(fold))
+        rows += r
+        gene_rows += g
+    return rows, gene_rows
 
-    from sklearn.metrics import balanced_accuracy_score, f1_score
 
-    def group_of(values: np.ndarray) -> set[str]:
-        return {v.split("\x1f", 1)[0] for v in values if v is not None}
+def _retrieval_scores(
+    fold: _Fold, targets: _Targets, rep: str, x_tr: np.ndarray, x_te: np.ndarray
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Protocol 5 for one representation: SPADE's joint space for its own representations, else cosine."""
+    if rep in _SPADE_ROUTING:
+        m = fold.models[_model_of(rep)]
+        ref_in = np.concatenate([model_gene_input(m, fold.cohort.tables[s]) for s in fold.train])
+        query = np.concatenate([fold.cohort.feats[s] for s in fold.test])
+        sims = _joint_similarity_chunks(m, query, ref_in, _SPADE_ROUTING[rep])
+    else:
+        sims = _cosine_chunks(x_te, x_tr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pred = _topk_mean(sims, targets.y_tr, fold.settings.retrieval_k)
+    scores = [(pearson_per_gene(targets.y_te, pred), len(targets.y_tr), np.nan)]
+    return _gene_scores(scores, rep=rep, task="retrieval", shot=ALL, **targets.common(fold))
 
-    y_te_all = np.concatenate([labels[s] for s in test])
-    groups = group_of(y_te_all)
-    lab_train = [s for s in train if group_of(labels[s]) & groups]
-    rec["label_train"] = lab_train
+
+# --------------------------------------------------------------------------------------------------------------------
+# one fold: label probe (protocol 4)
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _LabelSetup:
+    """The labelled spots of a fold, and every (shots, draws, scored held-out spots, classes) setting."""
+
+    lab_train: list[str]
+    tr_ok: np.ndarray
+    te_ok: np.ndarray
+    y_tr: np.ndarray
+    g_tr: np.ndarray
+    y_te: np.ndarray
+    settings: list[tuple[str, list[np.ndarray], np.ndarray, list[str]]]
+
+
+def _label_group(values: np.ndarray) -> set[str]:
+    return {v.split("\x1f", 1)[0] for v in values if v is not None}
+
+
+def _label_name(value: str) -> str:
+    return value.split("\x1f", 1)[1]
+
+
+def _label_fold(fold: _Fold) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(score rows, protocol record) of the label probe within the held-out slides' label group."""
+    setup, rec = _label_setup(fold)
+    if setup is None:
+        return [], rec
+    rows = []
+    for rep in fold.settings.representations:
+        rows += _label_scores(fold, setup, rep)
+    return rows, rec
+
+
+def _label_setup(fold: _Fold) -> tuple[_LabelSetup | None, dict[str, Any]]:
+    """The training spots (labelled, in the held-out slides' groups), the few-shot draws, and their record."""
+    labels, s = fold.cohort.labels, fold.settings
+    y_te_all = np.concatenate([labels[sid] for sid in fold.test])
+    groups = _label_group(y_te_all)
+    lab_train = [sid for sid in fold.train if _label_group(labels[sid]) & groups]
+    rec: dict[str, Any] = {"label_train": lab_train}
     if not lab_train or not groups:
         rec["label_skipped"] = "no labelled training slide shares the held-out slides' label group"
-        logger.info("evaluate: fold %s: no label training slide in group(s) %s; label task skipped.", fold, groups)
-        return
-    y_tr_all = np.concatenate([labels[s] for s in lab_train])
-    g_tr_all = np.concatenate([np.full(len(labels[s]), s, dtype=object) for s in lab_train])
-    names_tr_all = np.concatenate([obs_names[s] for s in lab_train])
+        logger.info("evaluate: fold %s: no label training slide in group(s) %s; label task skipped.", fold.name, groups)
+        return None, rec
+    y_tr_all = np.concatenate([labels[sid] for sid in lab_train])
+    g_tr_all = np.concatenate([np.full(len(labels[sid]), sid, dtype=object) for sid in lab_train])
+    names_tr_all = np.concatenate([fold.cohort.tables[sid].obs_names.to_numpy() for sid in lab_train])
     tr_ok = np.array([v is not None and v.split("\x1f", 1)[0] in groups for v in y_tr_all])
     te_ok = np.array([v is not None for v in y_te_all])
     y_tr, g_tr, names_tr = y_tr_all[tr_ok].astype(str), g_tr_all[tr_ok], names_tr_all[tr_ok]
     classes, counts = np.unique(y_tr, return_counts=True)
-    pretty = lambda c: c.split("\x1f", 1)[1]
-    rec["label_classes"] = {pretty(c): int(n) for c, n in zip(classes, counts, strict=True)}
+    rec["label_classes"] = {_label_name(c): int(n) for c, n in zip(classes, counts, strict=True)}
 
-    settings: list[tuple[str, list[np.ndarray], np.ndarray, list[str]]] = []
-    y_te_lab = y_te_all[te_ok].astype(str)
-    seen = np.isin(y_te_lab, classes)
+    y_te = y_te_all[te_ok].astype(str)
+    seen = np.isin(y_te, classes)
     rec["label_unseen_test_spots"] = int((~seen).sum())
-    rec["label_unseen_test_classes"] = sorted({pretty(c) for c in y_te_lab[~seen]})
-    settings.append((ALL, [np.arange(len(y_tr))], seen, sorted(set(y_te_lab[seen]))))
+    rec["label_unseen_test_classes"] = sorted({_label_name(c) for c in y_te[~seen]})
+    settings = [(ALL, [np.arange(len(y_tr))], seen, sorted(set(y_te[seen])))]
     rec["label_draws"] = {}
-    for k in shots:
+    for k in s.shots:
         eligible = classes[counts >= k]
-        eligible = eligible[np.isin(eligible, y_te_lab)]
+        eligible = eligible[np.isin(eligible, y_te)]
         if len(eligible) < 2:
             logger.warning(
-                "evaluate: fold %s: fewer than two classes with %d training spots; skipping k=%d.", fold, k, k
+                "evaluate: fold %s: fewer than two classes with %d training spots; skipping k=%d.", fold.name, k, k
             )
             continue
         by_class = {c: np.flatnonzero(y_tr == c) for c in eligible}
         draws = []
-        for d in range(n_draws):
-            rng = _fold_seed(seed, fold_idx, _TASK_CODE["label"], k, d)
+        for d in range(s.n_draws):
+            rng = _fold_seed(s.seed, fold.index, _TASK_CODE["label"], k, d)
             draws.append(np.sort(np.concatenate([rng.choice(by_class[c], k, replace=False) for c in eligible])))
-        scored = np.isin(y_te_lab, eligible)
+        scored = np.isin(y_te, eligible)
         settings.append((str(k), draws, scored, sorted(eligible)))
         rec["label_draws"][str(k)] = {
-            "classes": [pretty(c) for c in eligible],
+            "classes": [_label_name(c) for c in eligible],
             "n_test_scored": int(scored.sum()),
             "spots": [names_tr[i].tolist() for i in draws],
         }
+    return _LabelSetup(lab_train, tr_ok, te_ok, y_tr, g_tr, y_te, settings), rec
 
-    for rep in representations:
-        x_tr_all = np.concatenate([reps[rep][s] for s in lab_train])
-        x_te = np.concatenate([reps[rep][s] for s in test])[te_ok]
-        prep = _Preprocess(np.concatenate([reps[rep][s] for s in train]), None, seed)
-        z_tr, z_te = prep(x_tr_all[tr_ok]), prep(x_te)
-        for shot, draws, scored, eval_classes in settings:
-            for d, idx in enumerate(draws):
-                if shot == ALL:
-                    pred, c = logistic_cv_predict(z_tr, y_tr, z_te[scored], cs=cs, groups=g_tr, seed=seed)
-                else:
-                    pred, c = logistic_cv_predict(z_tr[idx], y_tr[idx], z_te[scored], cs=[few_shot_c], seed=seed)
-                truth = y_te_lab[scored]
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    bacc = balanced_accuracy_score(truth, pred)
-                    f1 = f1_score(truth, pred, labels=eval_classes, average="macro", zero_division=0)
-                for metric, value in (("balanced_accuracy", bacc), ("macro_f1", f1)):
-                    rows.append(
-                        {
-                            "representation": rep,
-                            "task": "label",
-                            "fold": fold,
-                            "shots": shot,
-                            "draw": d,
-                            "metric": metric,
-                            "value": float(value),
-                            "n_train": len(idx),
-                            "n_test": int(scored.sum()),
-                            "param": float(c),
-                        }
-                    )
+
+def _label_scores(fold: _Fold, setup: _LabelSetup, rep: str) -> list[dict[str, Any]]:
+    """Balanced accuracy and macro F1 of the logistic probe on one representation, for every setting and draw."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    s, u = fold.settings, setup
+    x_te = fold.stack(rep, fold.test)[u.te_ok]
+    prep = _Preprocess(fold.stack(rep, fold.train), None, s.seed)
+    z_tr, z_te = prep(fold.stack(rep, u.lab_train)[u.tr_ok]), prep(x_te)
+    rows = []
+    for shot, draws, scored, eval_classes in u.settings:
+        for d, idx in enumerate(draws):
+            if shot == ALL:
+                pred, c = logistic_cv_predict(z_tr, u.y_tr, z_te[scored], cs=s.cs, groups=u.g_tr, seed=s.seed)
+            else:
+                pred, c = logistic_cv_predict(z_tr[idx], u.y_tr[idx], z_te[scored], cs=[s.few_shot_c], seed=s.seed)
+            truth = u.y_te[scored]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                bacc = balanced_accuracy_score(truth, pred)
+                f1 = f1_score(truth, pred, labels=eval_classes, average="macro", zero_division=0)
+            rows += [
+                {
+                    "representation": rep,
+                    "task": "label",
+                    "fold": fold.name,
+                    "shots": shot,
+                    "draw": d,
+                    "metric": metric,
+                    "value": float(value),
+                    "n_train": len(idx),
+                    "n_test": int(scored.sum()),
+                    "param": float(c),
+                }
+                for metric, value in (("balanced_accuracy", bacc), ("macro_f1", f1))
+            ]
+    return rows
