@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import spatialdata as sd
+import xarray as xr
 from scipy import sparse
+from spatialdata.transformations import get_transformation_between_coordinate_systems
 
 import spade_sc as sp
-from spade_sc._sdata import image_levels
-from spade_sc.datasets._her2st import read_motivation
 
 EXPECTED_SPOTS = {"B4": 283, "C2": 187, "C3": 180, "C4": 184, "C5": 181}
 
@@ -91,14 +91,16 @@ def test_her2st_section_subset_and_errors(data_root, tmp_path):
         sp.datasets.her2st(tmp_path / "nope")
 
 
-def _copy_section(data_root, tmp_path, sid="C3"):
+def _copy_section(data_root, tmp_path, sid="C3", as_sid=None):
+    """A her2st folder holding one section (renamed ``as_sid`` when given), without labels."""
     src = data_root / "her2st"
     dst = tmp_path / "her2st"
-    for sub in ("data/ST-cnts", "data/ST-spotfiles", f"data/ST-imgs/{sid[0]}", "res/ST-cluster/lbl"):
+    new = as_sid or sid
+    for sub in ("data/ST-cnts", "data/ST-spotfiles", f"data/ST-imgs/{new[0]}", "res/ST-cluster/lbl"):
         (dst / sub).mkdir(parents=True, exist_ok=True)
-    shutil.copy(src / f"data/ST-cnts/{sid}.tsv.gz", dst / f"data/ST-cnts/{sid}.tsv.gz")
-    shutil.copy(src / f"data/ST-spotfiles/{sid}_selection.tsv", dst / f"data/ST-spotfiles/{sid}_selection.tsv")
-    shutil.copytree(src / f"data/ST-imgs/{sid[0]}/{sid}", dst / f"data/ST-imgs/{sid[0]}/{sid}")
+    shutil.copy(src / f"data/ST-cnts/{sid}.tsv.gz", dst / f"data/ST-cnts/{new}.tsv.gz")
+    shutil.copy(src / f"data/ST-spotfiles/{sid}_selection.tsv", dst / f"data/ST-spotfiles/{new}_selection.tsv")
+    shutil.copytree(src / f"data/ST-imgs/{sid[0]}/{sid}", dst / f"data/ST-imgs/{new[0]}/{new}")
     return dst
 
 
@@ -134,11 +136,21 @@ def test_her2st_section_without_image_is_skipped(data_root, tmp_path, caplog):
         sp.datasets.her2st(root, sections=["C9"])
 
 
-def test_motivation_parsing(data_root):
-    names = read_motivation(data_root / "her2st/res/ST-cluster/motivation.csv")
-    assert names[("C", 5)] == "immune : APC, B-cell, T-cell"
-    assert names[("B", 0)] == "unknown"
-    assert names[("G", 1)] == "immune : B/plasma cells"
+def _label_names(obs: pd.DataFrame) -> dict[int, str]:
+    """Region name of each label id of a section's spots."""
+    return obs.dropna(subset=["label"]).groupby("label_id", observed=True)["label"].first().astype(str).to_dict()
+
+
+def test_motivation_parsing(her2st, data_root, tmp_path):
+    # names hold unquoted commas ("immune : APC, B-cell, T-cell"), up to the "Marker genes" text or an empty field
+    assert _label_names(her2st["C2"].tables["table"].obs)[5] == "immune : APC, B-cell, T-cell"
+    assert _label_names(her2st["B4"].tables["table"].obs)[0] == "unknown"
+    # patient G: section C3 with its labels, renamed G3, gets the names of patient G
+    root = _copy_section(data_root, tmp_path, "C3", as_sid="G3")
+    shutil.copy(data_root / "her2st/res/ST-cluster/motivation.csv", root / "res/ST-cluster/motivation.csv")
+    lbl = "res/ST-cluster/lbl/{}-cluster-annotation.tsv.gz"
+    shutil.copy(data_root / "her2st" / lbl.format("C3"), root / lbl.format("G3"))
+    assert _label_names(sp.datasets.her2st(root)["G3"].tables["table"].obs)[1] == "immune : B/plasma cells"
 
 
 def test_visium_tiny(visium_tiny):
@@ -147,9 +159,13 @@ def test_visium_tiny(visium_tiny):
     mpp = sp.pp.pixel_size(visium_tiny, "visium_heart_tiny_lowres_image")
     assert mpp == pytest.approx(55 / 89.42751063343188 / 0.045004502, rel=1e-3)
     # spot centres (full-res pixels) fall inside the lowres image once mapped through the transforms
-    from spade_sc._sdata import to_pixels_matrix
-
-    m = to_pixels_matrix(visium_tiny, "visium_heart_tiny", "visium_heart_tiny_lowres_image", "visium_heart_tiny")
+    to_image = get_transformation_between_coordinate_systems(
+        visium_tiny,
+        visium_tiny.shapes["visium_heart_tiny"],
+        visium_tiny.images["visium_heart_tiny_lowres_image"],
+        intermediate_coordinate_systems="visium_heart_tiny",
+    )
+    m = to_image.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
     xy = np.array([(p.x, p.y) for p in visium_tiny.shapes["visium_heart_tiny"].geometry])
     px = (m @ np.c_[xy, np.ones(len(xy))].T).T[:, :2]
     assert (px >= 0).all() and (px < 600).all()
@@ -167,13 +183,18 @@ def test_visium_errors(data_root, tmp_path):
         sp.datasets.visium(tmp_path / "v")
 
 
+def _level0(image):
+    """Level 0 of a single- or multiscale image element."""
+    return sd.get_pyramid_levels(image, n=0) if isinstance(image, xr.DataTree) else image
+
+
 def test_synthetic_deterministic_and_programs():
     a = sp.datasets.synthetic(n_slides=2, n_spots=120, image_size=512, seed=3)
     b = sp.datasets.synthetic(n_slides=2, n_spots=120, image_size=512, seed=3)
     c = sp.datasets.synthetic(n_slides=2, n_spots=120, image_size=512, seed=4)
     ta, tb = a["slide1"].tables["table"], b["slide1"].tables["table"]
     assert (ta.X != tb.X).nnz == 0
-    img_a, img_b, img_c = (image_levels(x["slide1"].images["image"])[0].data.compute() for x in (a, b, c))
+    img_a, img_b, img_c = (_level0(x["slide1"].images["image"]).data.compute() for x in (a, b, c))
     assert np.array_equal(img_a, img_b)
     assert not np.array_equal(img_a, img_c)
     # gene programs differ by tissue type: per-type mean log expression is far apart on marker genes

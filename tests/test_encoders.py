@@ -450,6 +450,7 @@ def test_hf_hub_unreachable_fails_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
     def refused(*args, **kwargs):
         raise ConnectionRefusedError("no network")
 

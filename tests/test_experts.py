@@ -135,7 +135,7 @@ def test_errors_before_writing(cohort):
     with pytest.raises(KeyError, match="neither an obs column"):
         sp.tl.build_experts(c, features_key=FEATURES, tissue_key="nope", n_experts=2)
     # Features: missing key, NaN, different dimensions.
-    with pytest.raises(KeyError, match=r"'slide0'.*no obsm\['X_uni'\].*X_pca"):
+    with pytest.raises(KeyError, match=r"'slide0'.*obsm\['X_uni'\] is missing.*X_pca"):
         sp.tl.build_experts(c, features_key="X_uni")
     c["slide1"].tables["table"].obsm["X_bad"] = c["slide1"].tables["table"].obsm[FEATURES].copy()
     for sid in ("slide0", "slide2", "slide3"):
@@ -218,18 +218,23 @@ def test_elbow_table_and_plot(cohort, tmp_path):
         sp.pl.elbow(df.drop(columns="wcss"), show=False)
 
 
-def test_kmeans_subsampled_init(monkeypatch):
-    from spade_sc.tl import _experts
+def test_kmeans_subsampled_init():
+    """Above 16384 rows, k-means++ seeds each restart on a sample, then runs Lloyd on all rows: same quality."""
+    from sklearn.cluster import KMeans
 
     rng = np.random.default_rng(0)
     means = rng.normal(0, 4, (5, 8))
-    truth = rng.integers(0, 5, 3000)
-    x = (means[truth] + rng.normal(0, 1, (3000, 8))).astype(np.float32)
-    full = _experts._kmeans(x, 5, seed=0, n_init=3, minibatch_threshold=10**9)
-    monkeypatch.setattr(_experts, "KMEANS_INIT_SAMPLE", 200)
-    sub = _experts._kmeans(x, 5, seed=0, n_init=3, minibatch_threshold=10**9)
-    assert sub[2] == "kmeans"
-    assert sub[1] == pytest.approx(full[1], rel=0.02)
-    assert sub[1] == _experts._kmeans(x, 5, seed=0, n_init=3, minibatch_threshold=10**9)[1]  # deterministic
-    labels = _experts._nearest(x, sub[0])
+    truth = rng.integers(0, 5, 20_000)
+    x = (means[truth] + rng.normal(0, 1, (20_000, 8))).astype(np.float32)
+
+    def fit():
+        return sp.model.DataExperts.fit(x, n_clusters_per_tissue=5, n_experts=1, seed=0, minibatch_threshold=10**9)
+
+    experts = fit()
+    assert experts.params["algorithm_per_tissue"] == {"all": "kmeans"}
+    full = KMeans(n_clusters=5, n_init=3, random_state=0).fit(x).inertia_  # k-means++ on every row
+    wcss = experts.params["wcss_tissue"]["all"]
+    assert wcss == pytest.approx(full, rel=0.02)
+    assert fit().params["wcss_tissue"]["all"] == wcss  # deterministic
+    labels = experts.nearest_centroid(x)
     assert adjusted_rand_score(truth, labels) > 0.95

@@ -18,7 +18,6 @@ from torch import nn
 
 import spade_sc as sp
 from spade_sc.encoders import get_encoder
-from spade_sc.pp._features import LevelReader, choose_level, prefetch
 
 P = 16  # patch side of the pixel-exact tests
 CS = "global"
@@ -61,12 +60,16 @@ def _make(
     chunks: int = 32,
     ids: np.ndarray | None = None,
 ) -> SpatialData:
-    """A SpatialData with one image, circle spots at ``xy`` (shapes intrinsic coords) and a table annotating them."""
+    """A SpatialData with one image, circle spots at ``xy`` (shapes intrinsic coords) and a table annotating them.
+
+    ``img`` may be a dask array, used as it is (its own chunks).
+    """
     n = len(xy)
     ids = np.arange(n) if ids is None else np.asarray(ids)
     c_coords = c_coords if c_coords is not None else ["r", "g", "b", "a"][: img.shape[0]]
+    data = img if isinstance(img, da.Array) else da.from_array(img, chunks=(img.shape[0], chunks, chunks))
     image = Image2DModel.parse(
-        da.from_array(img, chunks=(img.shape[0], chunks, chunks)),
+        data,
         dims=("c", "y", "x"),
         c_coords=c_coords,
         scale_factors=scale_factors,
@@ -155,14 +158,11 @@ def test_level_choice_and_uns(flat):
     assert uns["image_key"] == "img" and uns["shapes_key"] == "spots" and uns["fill"] == 255
     assert uns["mpp"] == 2.0 and uns["patch_size"] == P and uns["encoder"]["name"] == "flat"
     assert uns["image_mpp"] == 1.0 and uns["coordinate_system"] == CS and "spade_sc_version" in uns
-    # 1.05 um/px is within the tolerance of level 0 (1 um/px) ... 3 um/px uses level 1 (2 um/px), 4 -> level 2
-    assert choose_level([1.0, 2.0, 4.0], 0.5) == 0
-    assert choose_level([1.0, 2.0, 4.0], 1.05) == 0
-    assert choose_level([1.0, 2.0, 4.0], 1.95) == 1
-    assert choose_level([1.0, 2.0, 4.0], 3.0) == 1
-    assert choose_level([1.0, 2.0, 4.0], 4.2) == 2
-    sp.pp.image_features(sdata, encoder=flat, mpp=1.0, patch_size=P, progress=False, key_added="X_l0")
-    assert table.uns["X_l0"]["level"] == 0
+    # levels at 1, 2 and 4 um/px: the coarsest level not coarser than the target (10 % tolerance) is read.
+    # 1.05 um/px is within the tolerance of level 0 (1 um/px) ... 3 um/px uses level 1 (2 um/px), 4.2 -> level 2
+    for target, level in [(0.5, 0), (1.0, 0), (1.05, 0), (1.95, 1), (3.0, 1), (4.2, 2)]:
+        sp.pp.image_features(sdata, encoder=flat, mpp=target, patch_size=P, progress=False, key_added=f"X_{target}")
+        assert table.uns[f"X_{target}"]["level"] == level, target
 
 
 def test_row_order_follows_instances(flat, copy_slide):
@@ -227,16 +227,64 @@ def test_workers_batches_and_cache_agree(flat):
     ref = sp.pp.image_features(sdata, num_workers=0, batch_size=64, **kw)
     for workers, bs in [(1, 5), (3, 7), (2, 1)]:
         np.testing.assert_array_equal(sp.pp.image_features(sdata, num_workers=workers, batch_size=bs, **kw), ref)
-    # a tiny cache still gives the same windows, and chunks are read lazily (not the whole image)
-    data = sdata.images["img"].data
-    reader = LevelReader(data, [0, 1, 2], 1.0, cache_bytes=3 * 32 * 32 * 2)
-    boxes = [(10, 50, 20, 60), (-5, 10, 250, 270)]
-    wins = reader.read(boxes)
-    np.testing.assert_array_equal(wins[0], img[:, 10:50, 20:60])
-    np.testing.assert_array_equal(wins[1][:, 5:, :6], img[:, :10, 250:])
-    assert (wins[1][:, :5] == 255).all() and (wins[1][:, :, 6:] == 255).all()
-    assert reader.chunks_read == 2 * 2 + 1
-    assert list(prefetch(lambda b: b * 2, [1, 2, 3, 4], 2)) == [(1, 2), (2, 4), (3, 6), (4, 8)]
+
+
+def _counting(shape: tuple[int, int, int], chunk: int, pixel) -> tuple[da.Array, list[tuple[int, int]]]:
+    """A lazy uint8 image of ``pixel(c, y, x)`` values and the list of the (row, col) chunks computed so far."""
+    calls: list[tuple[int, int]] = []
+
+    def block(block_info=None):
+        (c0, c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        calls.append((y0 // chunk, x0 // chunk))
+        return pixel(np.arange(c0, c1)[:, None, None], np.arange(y0, y1)[None, :, None], np.arange(x0, x1))
+
+    chunks = da.core.normalize_chunks((shape[0], chunk, chunk), shape)
+    return da.map_blocks(block, dtype=np.uint8, chunks=chunks), calls
+
+
+def test_only_the_chunks_under_the_patches_are_read_once(flat):
+    img = _image(size=256)
+    lazy, calls = _counting(img.shape, 32, lambda c, y, x: img[c, y, x])
+    # three patches inside two of the 64 chunks: (2, 2), and (4, 6) twice (read once, then from the cache)
+    xy = np.array([[80.0, 80.0], [208.0, 144.0], [212.0, 148.0]])
+    sdata = _make(lazy, xy)
+    for workers, bs in [(0, 64), (0, 1), (2, 1)]:
+        calls.clear()
+        got = _patches(
+            sp.pp.image_features(
+                sdata,
+                encoder=flat,
+                mpp=1.0,
+                patch_size=P,
+                inplace=False,
+                progress=False,
+                num_workers=workers,
+                batch_size=bs,
+            )
+        )
+        assert sorted(calls) == [(2, 2), (4, 6)], (workers, bs, calls)
+        for (x, y), patch in zip(xy.astype(int), got, strict=True):
+            np.testing.assert_array_equal(patch, img[:, y - 8 : y + 8, x - 8 : x + 8])
+
+
+def test_patches_are_right_when_the_chunks_outgrow_the_cache(flat):
+    """Six 48 MiB chunks in one batch: more than the reader's chunk cache holds (256 MiB); windows stay exact."""
+
+    def pixel(c, y, x):
+        return (x % 256).astype(np.uint8) + (2 * y % 256).astype(np.uint8) + np.uint8(85) * c.astype(np.uint8)
+
+    side = 4096
+    lazy, calls = _counting((3, side, 6 * side), side, pixel)
+    xy = np.array([[k * side + 1000.0 + 300 * k, 2000.0 - 200 * k] for k in range(6)])
+    got = _patches(
+        sp.pp.image_features(
+            _make(lazy, xy), encoder=flat, mpp=1.0, patch_size=P, inplace=False, progress=False, num_workers=0
+        )
+    )
+    assert sorted(calls) == [(0, k) for k in range(6)]  # each chunk read once, no other
+    for (x, y), patch in zip(xy.astype(int), got, strict=True):
+        c, yy, xx = np.ogrid[:3, y - 8 : y + 8, x - 8 : x + 8]
+        np.testing.assert_array_equal(patch, pixel(c, yy, xx), err_msg=f"{x}, {y}")
 
 
 def test_multi_region_table_rows_of_other_regions_are_nan(flat):

@@ -1,4 +1,4 @@
-"""Tests of spade_sc.tl._slides.slide_embeddings and of the slide-level path on real data (offline, CPU)."""
+"""Tests of spade_sc.tl.slide_embeddings and of the slide-level path on real data (offline, CPU)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,6 @@ from spatialdata.transformations import Identity
 
 import spade_sc as sp
 from spade_sc.encoders import get_encoder
-from spade_sc.pl._attention import attention as pl_attention
-from spade_sc.pl._attention import top_patches
-from spade_sc.pl._spatial import experts as pl_experts
-from spade_sc.tl._mil import attention, train_mil
-from spade_sc.tl._slides import slide_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,7 +73,7 @@ def test_slide_embeddings_tiles_and_encodes():
     cohort = sp.datasets.synthetic(n_slides=3, image_size=1024, spots=False, seed=1)
     encoder = get_encoder(input_size=32, device="cpu")
     labels = pd.DataFrame({"grade": ["low", "high"]}, index=["slide0", "slide2"])
-    adata = slide_embeddings(
+    adata = sp.tl.slide_embeddings(
         cohort,
         encoder=encoder,
         labels=labels,
@@ -105,14 +100,14 @@ def test_slide_embeddings_tiles_and_encodes():
         assert "spatialdata_attrs" not in row.uns  # annotates no element
         np.testing.assert_array_equal(row.obsm["X_efficientnet_lite0"], adata[name].obsm["X_efficientnet_lite0"])
     # a second call reuses tiles and features (nothing recomputed; the slide tables are replaced)
-    again = slide_embeddings(cohort, features_key="X_efficientnet_lite0", progress=False)
+    again = sp.tl.slide_embeddings(cohort, features_key="X_efficientnet_lite0", progress=False)
     np.testing.assert_array_equal(again.obsm["X_efficientnet_lite0"], adata.obsm["X_efficientnet_lite0"])
 
 
 def test_slide_embeddings_existing_features():
     cohort = {"a": _tiled(5, 4, 0), "b": _tiled(8, 4, 1)}
     labels = pd.DataFrame({"label": [1, 0], "organ": ["liver", "liver"]}, index=["b", "a"])
-    adata = slide_embeddings(cohort, features_key="X_feat", labels=labels, key_added="slides", progress=False)
+    adata = sp.tl.slide_embeddings(cohort, features_key="X_feat", labels=labels, key_added="slides", progress=False)
     assert adata.obs["n_tiles"].tolist() == [5, 8]
     assert adata.obs["label"].tolist() == [0, 1]
     assert adata.obs["organ"].tolist() == ["liver", "liver"]  # labels win over attrs
@@ -120,7 +115,7 @@ def test_slide_embeddings_existing_features():
     np.testing.assert_allclose(adata.obsm["X_feat"][1], cohort["b"].tables["image_tiles_table"].obsm["X_feat"].mean(0))
     assert "slides" in cohort["a"].tables and "spade_slides" not in cohort["a"].tables
     # a sequence gets ids slide0, slide1
-    seq = slide_embeddings([cohort["a"], cohort["b"]], features_key="X_feat", progress=False)
+    seq = sp.tl.slide_embeddings([cohort["a"], cohort["b"]], features_key="X_feat", progress=False)
     assert list(seq.obs_names) == ["slide0", "slide1"]
 
 
@@ -131,25 +126,25 @@ def test_slide_embeddings_errors():
     snapshot = {k: set(s.tables) for k, s in {"ok": ok, "bare": bare}.items()}
     # tiles without features and nothing to compute them: the message says what to pass; nothing written
     with pytest.raises(ValueError, match=r"'bare' has tiles without obsm\['X_feat'\].*pass model=.*or encoder="):
-        slide_embeddings({"ok": ok, "bare": bare}, features_key="X_feat", progress=False)
+        sp.tl.slide_embeddings({"ok": ok, "bare": bare}, features_key="X_feat", progress=False)
     with pytest.raises(ValueError, match=r"'img' has no tiles yet.*pass model="):
-        slide_embeddings({"ok": ok, "img": image_only}, features_key="X_feat", progress=False)
+        sp.tl.slide_embeddings({"ok": ok, "img": image_only}, features_key="X_feat", progress=False)
     assert {k: set(s.tables) for k, s in {"ok": ok, "bare": bare}.items()} == snapshot
     assert not image_only.shapes
     with pytest.raises(KeyError, match="tiles=False"):
-        slide_embeddings({"img": image_only}, features_key="X_feat", tiles=False, progress=False)
+        sp.tl.slide_embeddings({"img": image_only}, features_key="X_feat", tiles=False, progress=False)
     with pytest.raises(ValueError, match="not in the cohort"):
-        slide_embeddings({"ok": ok}, features_key="X_feat", labels=pd.DataFrame({"y": [1]}, index=["zz"]))
+        sp.tl.slide_embeddings({"ok": ok}, features_key="X_feat", labels=pd.DataFrame({"y": [1]}, index=["zz"]))
     with pytest.raises(ValueError, match="differ in dimension"):
-        slide_embeddings({"ok": ok, "other": _tiled(3, 6, 2)}, features_key="X_feat", progress=False)
+        sp.tl.slide_embeddings({"ok": ok, "other": _tiled(3, 6, 2)}, features_key="X_feat", progress=False)
     with pytest.raises(TypeError, match="SpadeModel"):
-        slide_embeddings({"ok": ok}, model=object(), progress=False)
+        sp.tl.slide_embeddings({"ok": ok}, model=object(), progress=False)
     with pytest.raises(ValueError, match=r"either model= .* or encoder="):
-        slide_embeddings({"ok": ok}, model=_FakeModel(), encoder="efficientnet_lite0", progress=False)
+        sp.tl.slide_embeddings({"ok": ok}, model=_FakeModel(), encoder="efficientnet_lite0", progress=False)
     with pytest.raises(ValueError, match="already names an element"):
-        slide_embeddings({"ok": ok}, features_key="X_feat", key_added="image_tiles", progress=False)
+        sp.tl.slide_embeddings({"ok": ok}, features_key="X_feat", key_added="image_tiles", progress=False)
     with pytest.raises(ValueError, match="annotates elements"):
-        slide_embeddings({"ok": ok}, features_key="X_feat", key_added="image_tiles_table", progress=False)
+        sp.tl.slide_embeddings({"ok": ok}, features_key="X_feat", key_added="image_tiles_table", progress=False)
     assert "spade_slides" not in ok.tables and ok.tables["image_tiles_table"].n_obs == 5
 
 
@@ -165,10 +160,8 @@ class _FakeModel:
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def her2st_model(her2st):
-    from spade_sc.tl._spade import fit
-
     cohort = {sid: _section(her2st[sid], spots=True) for sid in ("C3", "C4")}
-    model = fit(
+    model = sp.tl.fit(
         cohort,
         encoder=get_encoder(input_size=64, device="cpu"),
         feature_kwargs={"mpp": 2.0, "patch_size": 64, "num_workers": 0},
@@ -186,7 +179,7 @@ def her2st_model(her2st):
 def her2st_slides(her2st, her2st_model):
     cohort = {sid: _section(her2st[sid], spots=False) for sid in ("C2", "C5")}
     labels = pd.DataFrame({"group": ["a", "b"]}, index=["C2", "C5"])
-    adata = slide_embeddings(
+    adata = sp.tl.slide_embeddings(
         cohort,
         her2st_model,
         labels=labels,
@@ -210,34 +203,36 @@ def test_her2st_slide_embeddings(her2st, her2st_slides, her2st_model):
         assert "table" not in sdata.tables  # the spot table was not copied, the fixture is untouched
     assert "C2_image_tiles" not in her2st["C2"].shapes
     # the same slides with the base encoder features, computed on the way by tl.embed
-    base = slide_embeddings(cohort, her2st_model, features_key=her2st_model.features_key, progress=False)
+    base = sp.tl.slide_embeddings(cohort, her2st_model, features_key=her2st_model.features_key, progress=False)
     assert base.obsm["X_efficientnet_lite0"].shape == (2, 1280)
 
 
 def test_her2st_attention_and_plots(her2st_slides, tmp_path):
     cohort, adata = her2st_slides
-    result = train_mil(cohort, label_key="group", labels=adata, folds=None, max_epochs=2, hidden=64, attention_dim=32)
+    result = sp.tl.train_mil(
+        cohort, label_key="group", labels=adata, folds=None, max_epochs=2, hidden=64, attention_dim=32
+    )
     sdata = cohort["C2"]
-    attention(sdata, result.model)
+    sp.tl.attention(sdata, result.model)
     tiles = sdata.tables["C2_image_tiles_table"]
     assert tiles.obs["spade_attention_pct"].between(0, 1).all()
     tiles.obs["top_decile"] = tiles.obs["spade_attention_pct"] > 0.9
 
     heat, bare = tmp_path / "heat.png", tmp_path / "bare.png"
-    pl_attention(sdata, outline="top_decile", threshold=0.0, show=False, save=heat)
-    pl_attention(sdata, outline="top_decile", threshold=1.0, show=False, save=bare)
+    sp.pl.attention(sdata, outline="top_decile", threshold=0.0, show=False, save=heat)
+    sp.pl.attention(sdata, outline="top_decile", threshold=1.0, show=False, save=bare)
     a, b = imread(heat), imread(bare)
     assert a[..., :3].std() > 0.08 and _changed(a, b) > 0.05
 
     gallery = tmp_path / "top.png"
-    axes = top_patches(sdata, n=8, ncols=4, show=False, save=gallery)
+    axes = sp.pl.top_patches(sdata, n=8, ncols=4, show=False, save=gallery)
     assert axes.shape == (2, 4)
     g = imread(gallery)[..., :3]
     assert g.std() > 0.08 and (g.mean(-1) < 0.85).mean() > 0.05  # stained tissue, not blank glass
 
     exp, exp_bare = tmp_path / "experts.png", tmp_path / "experts_bare.png"
-    pl_experts(sdata, show=False, save=exp)
-    pl_experts(sdata, fill_alpha=0.0, show=False, save=exp_bare)
+    sp.pl.experts(sdata, show=False, save=exp)
+    sp.pl.experts(sdata, fill_alpha=0.0, show=False, save=exp_bare)
     e, eb = imread(exp), imread(exp_bare)
     assert e[..., :3].std() > 0.08 and _changed(e, eb) > 0.05
     plt.close("all")

@@ -220,3 +220,22 @@ def test_infonce_option(synthetic_features):
     model = sp.tl.fit(cohort, loss="infonce", seed=0, **SMALL)
     assert model.init_params_["loss"] == "infonce"
     assert "loss.logit_scale" in model.state_tensors()
+
+
+def test_fit_with_shapes_key_or_table_key_on_slides_that_hold_tiles(synthetic_features):
+    """Slides holding tissue tiles too (a second shapes element and table): shapes_key= or table_key= says which are
+    the spots, and everything (gene panel, experts, training, embedding) reads those spots only."""
+    for kwargs in ({"shapes_key": "spots"}, {"table_key": "table"}):
+        cohort = synthetic_features()
+        for s in cohort.values():
+            sp.pp.tile_tissue(s, mpp=2.0, tile_size=64)
+            assert len(s.shapes) == 2 and len(s.tables) == 2
+        with pytest.raises(ValueError, match="several"):
+            sp.tl.fit(cohort, seed=0, **SMALL)
+        model = sp.tl.fit(cohort, seed=0, **kwargs, **SMALL)
+        assert model.is_trained_
+        for s in cohort.values():
+            assert s.tables["table"].obsm["X_spade"].shape == (s.tables["table"].n_obs, 256)
+            assert "spade_panel" not in s.tables["table"].uns  # fit computes the panel without writing it
+            tiles_table = next(k for k in s.tables if k != "table")
+            assert "X_spade" not in s.tables[tiles_table].obsm

@@ -7,15 +7,13 @@ import numpy as np
 import pytest
 import shapely
 import torch
-from spatialdata import SpatialData
-from spatialdata.models import Image2DModel
+from spatialdata import SpatialData, get_pyramid_levels
+from spatialdata.models import Image2DModel, get_table_keys
 from spatialdata.transformations import Identity, Scale, get_transformation
 from torch import nn
 
 import spade_sc as sp
-from spade_sc._sdata import image_levels, table_region
 from spade_sc.encoders import get_encoder
-from spade_sc.pp._tiles import tissue_mask
 
 
 def _blob_image(size: int = 512, seed: int = 0) -> np.ndarray:
@@ -55,8 +53,8 @@ def test_tiles_cover_the_disc():
     tiles = sdata.shapes["slide_tiles"]
     table = sdata.tables["slide_tiles_table"]
     assert len(tiles) == table.n_obs > 0
-    regions, region_key, instance_key = table_region(table)
-    assert regions == ["slide_tiles"] and region_key == "region" and instance_key == "tile_id"
+    region, region_key, instance_key = get_table_keys(table)
+    assert list(np.atleast_1d(region)) == ["slide_tiles"] and region_key == "region" and instance_key == "tile_id"
     assert table.X.shape == (len(tiles), 0)
     assert list(table.obs["tile_id"]) == list(tiles.index)
     # tiles are 32 x 32 px squares on a 32 px grid
@@ -157,9 +155,9 @@ def test_her2st_tiles_on_tissue_not_glass(her2st, copy_slide):
         hit[np.unique(tree.query(spots, predicate="within")[0])] = True
         assert hit.mean() > 0.95, (sid, hit.mean())  # measured 0.98-1.0 (pale stroma of B4 needs the texture cue)
         # no tile at the corners (glass); tiles darker than the corners
-        lv = image_levels(sdata.images[f"{sid}_image"])[-1]
-        thumb = np.asarray(lv.data).astype(float)
-        h0, w0 = image_levels(sdata.images[f"{sid}_image"])[0].shape[1:]
+        levels = get_pyramid_levels(sdata.images[f"{sid}_image"])
+        thumb = np.asarray(levels[-1].data).astype(float)
+        h0, w0 = levels[0].shape[1:]
         corners = shapely.points([[0, 0], [w0 - 1, 0], [0, h0 - 1], [w0 - 1, h0 - 1]])
         assert len(tree.query(corners, predicate="within")[0]) == 0
         k = thumb.shape[1] / h0
@@ -215,8 +213,8 @@ def test_no_tissue_raises_with_fraction():
 
 def test_mask_block_averages_a_fine_single_scale_image():
     sdata = _make(_blob_image(2048))  # one level at 0.5 um/px, mask wanted at ~1 um/px: 2x2 block average
-    mask, info = tissue_mask(sdata, tile_um=16.0)
-    assert info["level"] == 0 and info["factor"] == 2 and mask.shape == (1024, 1024)
+    sp.pp.tile_tissue(sdata, tile_size=32)  # 32 px at 0.5 um/px: the mask is made for 16 um tiles
+    info = sdata.tables["slide_tiles_table"].uns["tile_tissue"]
+    # level 0 block-averaged 2x2: a 1024 x 1024 mask of the 2048 px image, at 1 um/px
+    assert info["mask_level"] == 0 and info["mask_factor"] == 2 and info["mask_mpp"] == pytest.approx(1.0)
     assert info["tissue_fraction"] == pytest.approx(np.pi / 16, rel=0.05)
-    sp.pp.tile_tissue(sdata, tile_size=32)
-    assert sdata.tables["slide_tiles_table"].uns["tile_tissue"]["mask_factor"] == 2

@@ -6,7 +6,17 @@ which call writes a key, so that their "missing key" messages point at the right
 
 from __future__ import annotations
 
-__all__ = ["GENE_INPUTS", "LOSSES", "MIL_TASKS", "ROUTINGS", "WRITERS", "Keys"]
+__all__ = [
+    "EVALUATION_TASKS",
+    "EXTRA_REPRESENTATIONS",
+    "GENE_INPUTS",
+    "LOSSES",
+    "MIL_TASKS",
+    "REPRESENTATIONS",
+    "ROUTINGS",
+    "WRITERS",
+    "Keys",
+]
 
 
 class Keys:
@@ -36,12 +46,14 @@ class Keys:
     ATTENTION = "spade_attention"
     #: ``obs`` of a tiles table: percentile rank of the attention score.
     ATTENTION_PCT = "spade_attention_pct"
+    #: ``obsm``: expression predicted from the image by :func:`spade_sc.tl.predict_expression`.
+    PREDICTED = "spade_predicted"
+    #: ``uns`` of a tiles table: the parameters of :func:`spade_sc.pp.tile_tissue`.
+    TILING = "tile_tissue"
     #: table (not annotating) of slide-level embeddings.
     SLIDES = "spade_slides"
     #: suffix of the shapes element of the tissue tiles of an image.
     TILES_SUFFIX = "_tiles"
-    #: suffix of the table annotating those tiles (spatialdata forbids a table and shapes of one name).
-    TILES_TABLE_SUFFIX = "_tiles_table"
 
     @staticmethod
     def features(encoder_name: str) -> str:
@@ -56,7 +68,12 @@ class Keys:
     @staticmethod
     def tiles_table(image_key: str) -> str:
         """Table key of the tiles of ``image_key``."""
-        return f"{image_key}{Keys.TILES_TABLE_SUFFIX}"
+        return Keys.table_of(Keys.tiles(image_key))
+
+    @staticmethod
+    def table_of(shapes_key: str) -> str:
+        """Key of the table that :func:`spade_sc.pp.tile_tissue` writes for the shapes ``shapes_key``."""
+        return f"{shapes_key}_table"
 
     @staticmethod
     def pct(key: str) -> str:
@@ -72,6 +89,12 @@ LOSSES = ("soft_clip", "infonce")
 GENE_INPUTS = ("log1p", "counts")
 #: Slide-level tasks of the MIL models.
 MIL_TASKS = ("classification", "survival")
+#: Representations :func:`spade_sc.tl.evaluate` compares by default; any other name is read from ``obsm``.
+REPRESENTATIONS = ("base", "spade_soft", "spade_hard", "spade_uniform", "single_expert", "random_projection")
+#: Built-in representations of :func:`spade_sc.tl.evaluate` that are not in the default list.
+EXTRA_REPRESENTATIONS = ("untrained_heads",)
+#: Protocols of :func:`spade_sc.tl.evaluate`.
+EVALUATION_TASKS = ("expression", "label", "retrieval")
 
 #: Which public call writes each key (used in the plotting functions' error messages).
 WRITERS = {

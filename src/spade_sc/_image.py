@@ -8,6 +8,7 @@ only the dask chunks under what is read are ever computed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict, deque

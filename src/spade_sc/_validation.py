@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_choice", "check_fraction", "check_int", "check_ints", "json_safe", "uns_safe"]
+__all__ = ["check_choice", "check_fraction", "check_int", "check_ints", "check_mpp", "json_safe", "uns_safe"]
 
 
 def _is_int(value: Any) -> bool:
@@ -77,6 +77,15 @@ def check_fraction(value: Any, name: str, *, closed_low: bool = True, closed_hig
         msg = f"{name} must be in {interval}, got {value!r}."
         raise ValueError(msg)
     return v
+
+
+def check_mpp(value: Any, name: str = "mpp") -> float:
+    """``value`` as a float after checking it is a positive, finite number of micrometres per pixel."""
+    number = not isinstance(value, bool) and isinstance(value, int | float | np.number)
+    if not number or not np.isfinite(value) or value <= 0:
+        msg = f"{name} must be a positive number of micrometres per pixel, got {value!r}."
+        raise ValueError(msg)
+    return float(value)
 
 
 def json_safe(obj: Any) -> Any:

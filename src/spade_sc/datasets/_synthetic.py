@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from .._constants import Keys
 from .._sdata import ATTRS_KEY, set_microns_per_unit
+from .._validation import check_int
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from spatialdata import SpatialData
 
 SYNTHETIC_MPP = 0.5
@@ -252,108 +255,32 @@ def synthetic(
           region layout (``region_centres_px``, ``region_types``: each pixel belongs to the region of its nearest
           centre; see :func:`synthetic_regions`).
     """
-    import xarray as xr
-    from anndata import AnnData
-    from geopandas import GeoDataFrame
-    from scipy import sparse
-    from shapely.geometry import Point
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity
 
-    unknown = [t for t in tissue_types if t not in _MORPHOLOGY]
-    if unknown:
-        msg = f"Unknown tissue_types {unknown}; choose among {sorted(_MORPHOLOGY)}."
-        raise ValueError(msg)
-    if n_slides < 1 or image_size < 64 or n_spots < 1 or not organs:
-        msg = "synthetic() needs n_slides >= 1, n_spots >= 1, image_size >= 64 and at least one organ."
-        raise ValueError(msg)
-    types = tuple(tissue_types)
+    types = _check_arguments(n_slides, n_spots, image_size, tissue_types, organs, n_genes, chunk_size)
     rng = np.random.default_rng(seed)
     names, base, programs, organ_shift = _gene_programs(rng, n_genes, types, organs)
-    prolif_genes = rng.permutation(n_genes)[: max(3, n_genes // 20)]
+    genes = _Genes(names, base, programs, organ_shift, prolif=rng.permutation(n_genes)[: max(3, n_genes // 20)])
     size_um = image_size * SYNTHETIC_MPP
-    slides_layout = []
-    for i in range(n_slides):
-        tumour_weight = float(np.random.default_rng([seed, i, 3]).uniform(0.0, 3.0))
-        slides_layout.append(_make_slide(seed, i, size_um, types, tumour_weight))
-
-    # Tumour fraction of each slide from a coarse grid over the tissue.
-    g = (np.arange(96) + 0.5) * size_um / 96
-    GX, GY = np.meshgrid(g, g)
-    fractions = []
-    for layout in slides_layout:
-        inside = layout.tissue(GX, GY)
-        reg = layout.region(GX, GY)
-        frac = float((reg[inside] == types.index("tumour")).mean()) if "tumour" in types and inside.any() else 0.0
-        fractions.append(frac)
+    layouts = [
+        _make_slide(seed, i, size_um, types, float(np.random.default_rng([seed, i, 3]).uniform(0.0, 3.0)))
+        for i in range(n_slides)
+    ]
+    fractions = [_tumour_fraction(layout) for layout in layouts]
     threshold = float(np.median(fractions))
 
     out = {}
-    for i, layout in enumerate(slides_layout):
+    for i, layout in enumerate(layouts):
         name = f"slide{i}"
         organ = organs[i % len(organs)]
-        n_levels = 1
-        while image_size // (2**n_levels) >= 512:
-            n_levels += 1
-        level0 = _lazy_level(layout, image_size, SYNTHETIC_MPP, chunk_size)
-        image = Image2DModel.parse(
-            level0,
-            dims=("c", "y", "x"),
-            c_coords=["r", "g", "b"],
-            scale_factors=[2] * (n_levels - 1) or None,
-            transformations={name: Identity()},
-            chunks=(3, chunk_size, chunk_size),  # keep the render blocks: smaller chunks would re-render each block
-        )
-        if isinstance(image, xr.DataTree):
-            for k in range(1, n_levels):
-                node = image[f"scale{k}"]["image"]
-                size = node.sizes["y"]
-                node.data = _lazy_level(layout, size, SYNTHETIC_MPP * image_size / size, chunk_size)
-        elements: dict = {"images": {"image": image}}
+        elements: dict = {"images": {"image": _slide_image(layout, name, image_size, chunk_size)}}
         if spots:
-            spacing = np.sqrt(np.pi * (0.40 * size_um) ** 2 / n_spots)
-            grid = np.arange(spacing / 2, size_um, spacing)
-            sx, sy = np.meshgrid(grid, grid)
-            sx, sy = sx.ravel(), sy.ravel()
-            keep = layout.tissue(sx, sy)
-            sx, sy = sx[keep], sy[keep]
-            region = layout.region(sx, sy)
-            prolif = layout.proliferation(sx, sy)
-            srng = np.random.default_rng([seed, i, 7])
-            logmu = base[None, :] + programs[region] + organ_shift[i % len(organs)][None, :]
-            logmu[:, prolif_genes] += 2.5 * prolif[:, None]
-            logmu += srng.normal(0, 0.25, logmu.shape)
-            mu = np.exp(logmu)
-            mu = mu / mu.sum(1, keepdims=True) * srng.lognormal(np.log(3000), 0.3, len(sx))[:, None]
-            counts = srng.poisson(srng.gamma(5.0, mu / 5.0))
-            n = len(sx)
-            obs = pd.DataFrame(
-                {
-                    "slide": pd.Categorical([name] * n),
-                    "organ": pd.Categorical([organ] * n),
-                    "tissue_type": pd.Categorical([types[r] for r in region], categories=list(types)),
-                    "proliferation": prolif,
-                    "region": pd.Categorical(["spots"] * n),
-                    "spot_id": np.arange(n),
-                },
-                index=[f"{name}_spot{j}" for j in range(n)],
+            elements.update(
+                _slide_spots(layout, name, organ, i % len(organs), genes, n_spots, np.random.default_rng([seed, i, 7]))
             )
-            table = AnnData(X=sparse.csr_matrix(counts.astype(np.int32)), obs=obs, var=pd.DataFrame(index=names))
-            px = np.stack([sx, sy], 1) / SYNTHETIC_MPP
-            table.obsm["spatial"] = px
-            circles = GeoDataFrame(
-                {"radius": np.full(n, min(27.5, 0.45 * spacing) / SYNTHETIC_MPP)},
-                geometry=[Point(x, y) for x, y in px],
-                index=np.arange(n),
-            )
-            elements["shapes"] = {"spots": ShapesModel.parse(circles, transformations={name: Identity()})}
-            elements["tables"] = {
-                "table": TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
-            }
         sdata = SpatialData(**elements)
         set_microns_per_unit(sdata, name, SYNTHETIC_MPP)
-        sdata.attrs[ATTRS_KEY]["slide"] = {
+        sdata.attrs[ATTRS_KEY][Keys.SLIDE] = {
             "organ": organ,
             "tumour_fraction": fractions[i],
             "label": int(fractions[i] > threshold),
@@ -362,6 +289,148 @@ def synthetic(
         }
         out[name] = sdata
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# steps of synthetic
+# --------------------------------------------------------------------------------------------------------------------
+def _check_arguments(
+    n_slides: Any,
+    n_spots: Any,
+    image_size: Any,
+    tissue_types: Sequence[str],
+    organs: Sequence[str],
+    n_genes: Any,
+    chunk_size: Any,
+) -> tuple[str, ...]:
+    """The tissue types as a tuple, after checking every argument of :func:`synthetic`."""
+    unknown = [t for t in tissue_types if t not in _MORPHOLOGY]
+    if unknown:
+        msg = f"Unknown tissue_types {unknown}; choose among {sorted(_MORPHOLOGY)}."
+        raise ValueError(msg)
+    check_int(n_slides, "n_slides")
+    check_int(n_spots, "n_spots")
+    check_int(image_size, "image_size", low=64)
+    check_int(n_genes, "n_genes")
+    check_int(chunk_size, "chunk_size")
+    if not organs:
+        msg = "synthetic() needs at least one organ."
+        raise ValueError(msg)
+    return tuple(tissue_types)
+
+
+@dataclass(frozen=True)
+class _Genes:
+    """The expression model of a cohort: gene names, base log-profile, per-type programs, per-organ shifts."""
+
+    names: list[str]
+    base: np.ndarray  # (G,)
+    programs: np.ndarray  # (T, G) log-fold changes of each region type
+    organ_shift: np.ndarray  # (O, G)
+    prolif: np.ndarray  # indices of the proliferation gene set
+
+
+def _tumour_fraction(layout: _Slide) -> float:
+    """Tumour fraction of the tissue of a slide, from a coarse 96 x 96 grid."""
+    g = (np.arange(96) + 0.5) * layout.size_um / 96
+    GX, GY = np.meshgrid(g, g)
+    inside = layout.tissue(GX, GY)
+    if "tumour" not in layout.types or not inside.any():
+        return 0.0
+    return float((layout.region(GX, GY)[inside] == layout.types.index("tumour")).mean())
+
+
+def _slide_image(layout: _Slide, name: str, image_size: int, chunk_size: int) -> Any:
+    """The lazy RGB multiscale image of a slide: each level is rendered at its own resolution."""
+    import xarray as xr
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    n_levels = 1
+    while image_size // (2**n_levels) >= 512:
+        n_levels += 1
+    level0 = _lazy_level(layout, image_size, SYNTHETIC_MPP, chunk_size)
+    image = Image2DModel.parse(
+        level0,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        scale_factors=[2] * (n_levels - 1) or None,
+        transformations={name: Identity()},
+        chunks=(3, chunk_size, chunk_size),  # keep the render blocks: smaller chunks would re-render each block
+    )
+    if isinstance(image, xr.DataTree):
+        for k in range(1, n_levels):
+            node = image[f"scale{k}"]["image"]
+            size = node.sizes["y"]
+            node.data = _lazy_level(layout, size, SYNTHETIC_MPP * image_size / size, chunk_size)
+    return image
+
+
+def _slide_spots(
+    layout: _Slide, name: str, organ: str, organ_index: int, genes: _Genes, n_spots: int, srng: np.random.Generator
+) -> dict[str, dict[str, Any]]:
+    """``{"shapes": ..., "tables": ...}`` of a slide: spots on a square grid over the tissue and their counts."""
+    from geopandas import GeoDataFrame
+    from shapely.geometry import Point
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    spacing = np.sqrt(np.pi * (0.40 * layout.size_um) ** 2 / n_spots)
+    grid = np.arange(spacing / 2, layout.size_um, spacing)
+    sx, sy = np.meshgrid(grid, grid)
+    sx, sy = sx.ravel(), sy.ravel()
+    keep = layout.tissue(sx, sy)
+    sx, sy = sx[keep], sy[keep]
+    table = _spot_table(layout, name, organ, organ_index, genes, sx, sy, srng)
+    px = table.obsm["spatial"]
+    circles = GeoDataFrame(
+        {"radius": np.full(len(px), min(27.5, 0.45 * spacing) / SYNTHETIC_MPP)},
+        geometry=[Point(x, y) for x, y in px],
+        index=np.arange(len(px)),
+    )
+    return {
+        "shapes": {"spots": ShapesModel.parse(circles, transformations={name: Identity()})},
+        "tables": {"table": TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")},
+    }
+
+
+def _spot_table(
+    layout: _Slide,
+    name: str,
+    organ: str,
+    organ_index: int,
+    genes: _Genes,
+    sx: np.ndarray,
+    sy: np.ndarray,
+    srng: np.random.Generator,
+) -> AnnData:
+    """Raw counts of the spots centred at (sx, sy) um: region program, organ shift, proliferation, noise."""
+    from anndata import AnnData
+    from scipy import sparse
+
+    region = layout.region(sx, sy)
+    prolif = layout.proliferation(sx, sy)
+    logmu = genes.base[None, :] + genes.programs[region] + genes.organ_shift[organ_index][None, :]
+    logmu[:, genes.prolif] += 2.5 * prolif[:, None]
+    logmu += srng.normal(0, 0.25, logmu.shape)
+    mu = np.exp(logmu)
+    mu = mu / mu.sum(1, keepdims=True) * srng.lognormal(np.log(3000), 0.3, len(sx))[:, None]
+    counts = srng.poisson(srng.gamma(5.0, mu / 5.0))
+    n = len(sx)
+    obs = pd.DataFrame(
+        {
+            "slide": pd.Categorical([name] * n),
+            "organ": pd.Categorical([organ] * n),
+            "tissue_type": pd.Categorical([layout.types[r] for r in region], categories=list(layout.types)),
+            "proliferation": prolif,
+            "region": pd.Categorical(["spots"] * n),
+            "spot_id": np.arange(n),
+        },
+        index=[f"{name}_spot{j}" for j in range(n)],
+    )
+    table = AnnData(X=sparse.csr_matrix(counts.astype(np.int32)), obs=obs, var=pd.DataFrame(index=genes.names))
+    table.obsm["spatial"] = np.stack([sx, sy], 1) / SYNTHETIC_MPP
+    return table
 
 
 def synthetic_regions(sdata: SpatialData, xy: np.ndarray) -> np.ndarray:

@@ -487,8 +487,7 @@ class Encoder:
                 raise FileNotFoundError(msg)
             if kind == "local-dir" and not Path(str(spec.get("spec"))[len(_LOCAL_DIR_PREFIX) :]).is_dir():
                 msg = (
-                    f"Encoder spec {spec['name']!r} refers to the folder {spec.get('spec')!r}, which no longer "
-                    "exists."
+                    f"Encoder spec {spec['name']!r} refers to the folder {spec.get('spec')!r}, which no longer exists."
                 )
                 raise FileNotFoundError(msg)
             if kind == "timm" and weights is None:

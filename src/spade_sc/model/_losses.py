@@ -18,7 +18,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["InfoNCELoss", "SoftCLIPLoss", "make_loss", "soft_clip_loss"]
 
 
-
 def _check_pair(image_emb: torch.Tensor, gene_emb: torch.Tensor) -> None:
     if image_emb.ndim != 2 or gene_emb.ndim != 2 or image_emb.shape != gene_emb.shape:
         msg = (

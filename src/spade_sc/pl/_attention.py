@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
+from .._constants import WRITERS, Keys
 from .._image import (
     LevelReader,
     choose_level,
@@ -30,7 +32,8 @@ from .._sdata import (
     shared_coordinate_system,
     to_pixels_matrix,
 )
-from ._spatial import WRITERS, finish, shapes_with_column
+from .._validation import check_fraction, check_int
+from ._spatial import finish, shapes_with_column
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -49,14 +52,14 @@ def _attention_table(sdata: SpatialData, key: str, tiles_key: str | None) -> tup
             raise
         msg = (
             f"No table of this SpatialData has obs[{key!r}]; attention scores are written by spade_sc.tl.attention "
-            "(obs[key_added] and obs[key_added + '_pct'], default 'spade_attention' / 'spade_attention_pct')."
+            f"(obs[key_added] and obs[key_added + '_pct'], default {Keys.ATTENTION!r} / {Keys.ATTENTION_PCT!r})."
         )
         raise KeyError(msg) from err
 
 
 def _image_for(sdata: SpatialData, table: Any, image_key: str | None) -> str:
     if image_key is None:
-        recorded = table.uns.get("tile_tissue", {}).get("image_key")
+        recorded = table.uns.get(Keys.TILING, {}).get("image_key")
         if recorded in sdata.images and len(sdata.images) > 1:
             return str(recorded)
     return resolve_key(sdata, "images", image_key, what="image_key")
@@ -87,7 +90,6 @@ def _tile_boxes(sdata: SpatialData, table: Any, tiles_key: str, image_key: str) 
 
 def _thumbnail(sdata: SpatialData, image_key: str, side: int) -> tuple[np.ndarray, float, float]:
     """RGB uint8 (h, w, 3) thumbnail from a coarse level and its (sy, sx) level-0 pixels per thumbnail pixel."""
-
     levels = image_levels(sdata.images[image_key])
     rgb = rgb_channels(levels[0], image_key)
     scale = value_scale(levels, image_key)
@@ -121,12 +123,53 @@ def _rasterise(boxes: np.ndarray, values: np.ndarray, shape: tuple[int, int], *,
     return out
 
 
+def _outline_codes(table: Any, outline: str) -> tuple[np.ndarray, list[str]]:
+    """Region code of every tile (-1: none) and the region names, from a categorical, string or boolean column."""
+    col = table.obs[outline]
+    if pd.api.types.is_bool_dtype(col):
+        return np.where(col.to_numpy(dtype=bool), 0, -1), [outline]
+    if (
+        isinstance(col.dtype, pd.CategoricalDtype)
+        or pd.api.types.is_object_dtype(col)
+        or pd.api.types.is_string_dtype(col)
+    ):
+        cat = pd.Categorical(col)
+        return cat.codes.astype(np.int64), [str(c) for c in cat.categories]
+    msg = f"outline={outline!r} must be a categorical, string or boolean column, got dtype {col.dtype}."
+    raise ValueError(msg)
+
+
+def _draw_outline(ax: Axes, raster: np.ndarray, categories: Sequence[str], title: str) -> None:
+    """Contour of each region of a rasterised code image, with a legend below the Axes."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    palette = colormaps["tab10" if len(categories) <= 10 else "tab20"]
+    handles = []
+    for k, name in enumerate(categories):
+        mask = raster == k
+        if not mask.any():
+            continue
+        colour = palette(k % palette.N)
+        ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.2)
+        handles.append(Line2D([], [], color=colour, lw=1.5, label=name))
+    if handles:
+        ax.legend(
+            handles=handles,
+            title=title,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncols=min(len(handles), 5),
+            frameon=False,
+        )
+
+
 def attention(
     sdata: SpatialData,
     *,
     image_key: str | None = None,
     tiles_key: str | None = None,
-    key: str = "spade_attention_pct",
+    key: str = Keys.ATTENTION_PCT,
     threshold: float | None = 0.55,
     cmap: str = "coolwarm",
     alpha: float = 0.5,
@@ -188,15 +231,11 @@ def attention(
     The Axes when not shown.
     """
     import matplotlib.pyplot as plt
-    import pandas as pd
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
-    from matplotlib.lines import Line2D
 
-    if not 0.0 <= float(alpha) <= 1.0:
-        msg = f"alpha must be in [0, 1], got {alpha!r}."
-        raise ValueError(msg)
+    alpha = check_fraction(alpha, "alpha", closed_high=True)
     tkey, skey = _attention_table(sdata, key, tiles_key)
     table = sdata.tables[tkey]
     if outline is not None and outline not in table.obs:
@@ -206,22 +245,7 @@ def attention(
     if not np.isfinite(values).any():
         msg = f"tables[{tkey!r}].obs[{key!r}] holds no finite value."
         raise ValueError(msg)
-    codes = categories = None
-    if outline is not None:
-        col = table.obs[outline]
-        if pd.api.types.is_bool_dtype(col):
-            codes = np.where(col.to_numpy(dtype=bool), 0, -1)
-            categories = [outline]
-        elif (
-            isinstance(col.dtype, pd.CategoricalDtype)
-            or pd.api.types.is_object_dtype(col)
-            or pd.api.types.is_string_dtype(col)
-        ):
-            cat = pd.Categorical(col)
-            codes, categories = cat.codes.astype(np.int64), [str(c) for c in cat.categories]
-        else:
-            msg = f"outline={outline!r} must be a categorical, string or boolean column, got dtype {col.dtype}."
-            raise ValueError(msg)
+    codes, categories = _outline_codes(table, outline) if outline is not None else (None, None)
     image_key = _image_for(sdata, table, image_key)
     boxes = _tile_boxes(sdata, table, skey, image_key)
 
@@ -237,32 +261,14 @@ def attention(
     shown = (
         np.isfinite(heat) if threshold is None else np.isfinite(heat) & (np.nan_to_num(heat, nan=-np.inf) > threshold)
     )
-    overlay[..., 3] = np.where(shown, float(alpha), 0.0)
+    overlay[..., 3] = np.where(shown, alpha, 0.0)
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 7))
     ax.imshow(thumb, interpolation="antialiased")
     ax.imshow(overlay, interpolation="nearest")
     if codes is not None:
-        raster = _rasterise(tboxes, codes, thumb.shape[:2], mean=False)
-        palette = colormaps["tab10" if len(categories) <= 10 else "tab20"]
-        handles = []
-        for k, name in enumerate(categories):
-            mask = raster == k
-            if not mask.any():
-                continue
-            colour = palette(k % palette.N)
-            ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.2)
-            handles.append(Line2D([], [], color=colour, lw=1.5, label=name))
-        if handles:
-            ax.legend(
-                handles=handles,
-                title=outline,
-                loc="upper center",
-                bbox_to_anchor=(0.5, 0.0),
-                ncols=min(len(handles), 5),
-                frameon=False,
-            )
+        _draw_outline(ax, _rasterise(tboxes, codes, thumb.shape[:2], mean=False), categories, outline)
     if colorbar:
         mappable = ScalarMappable(norm=norm, cmap=colours)
         cb = ax.figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02)
@@ -274,11 +280,35 @@ def attention(
     return finish(ax, show, save)
 
 
+def _gallery_reader(sdata: SpatialData, image_key: str, mpp: float | None) -> tuple[LevelReader, tuple[float, float]]:
+    """Reader of the level the tiles are cut from, and its (y, x) downsampling from level 0.
+
+    The coarsest level whose pixel size is at most the tiling's ``mpp``; level 0 when it or the pixel size is unknown.
+    """
+    levels = image_levels(sdata.images[image_key])
+    rgb = rgb_channels(levels[0], image_key)
+    scale = value_scale(levels, image_key)
+    level = 0
+    if mpp is not None:
+        try:
+            p0 = image_pixel_size(sdata, image_key)
+        except ValueError:
+            p0 = None
+        if p0 is not None:
+            level = choose_level(level_mpp(levels, p0), float(mpp))
+    lv = levels[level]
+    data = lv.data
+    if np.dtype(data.dtype).kind == "f":  # the gallery scales float images in float32, not in their own dtype
+        data = data.astype(np.float32, copy=False)
+    k = (levels[0].sizes["y"] / lv.sizes["y"], levels[0].sizes["x"] / lv.sizes["x"])
+    return LevelReader(data, rgb, scale), k
+
+
 def top_patches(
     sdata: SpatialData,
     *,
     n: int = 50,
-    key: str = "spade_attention",
+    key: str = Keys.ATTENTION,
     ncols: int = 10,
     image_key: str | None = None,
     tiles_key: str | None = None,
@@ -317,15 +347,9 @@ def top_patches(
     The array of Axes when not shown.
     """
     import matplotlib.pyplot as plt
-    import pandas as pd
 
-
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        msg = f"n must be a positive integer, got {n!r}."
-        raise ValueError(msg)
-    if isinstance(ncols, bool) or not isinstance(ncols, int | np.integer) or ncols < 1:
-        msg = f"ncols must be a positive integer, got {ncols!r}."
-        raise ValueError(msg)
+    n = check_int(n, "n")
+    ncols = check_int(ncols, "ncols")
     tkey, skey = _attention_table(sdata, key, tiles_key)
     table = sdata.tables[tkey]
     values = pd.to_numeric(table.obs[key], errors="coerce").to_numpy(dtype=float)
@@ -337,21 +361,7 @@ def top_patches(
     top = ok[np.argsort(-values[ok], kind="stable")[:n]]
     image_key = _image_for(sdata, table, image_key)
     boxes = _tile_boxes(sdata, table, skey, image_key)[top]
-
-    levels = image_levels(sdata.images[image_key])
-    rgb = rgb_channels(levels[0], image_key)
-    scale = value_scale(levels, image_key)
-    level = 0
-    mpp = table.uns.get("tile_tissue", {}).get("mpp")
-    if mpp is not None:
-        try:
-            p0 = image_pixel_size(sdata, image_key)
-        except ValueError:
-            p0 = None
-        if p0 is not None:
-            level = choose_level(level_mpp(levels, p0), float(mpp))
-    lv = levels[level]
-    ky, kx = levels[0].sizes["y"] / lv.sizes["y"], levels[0].sizes["x"] / lv.sizes["x"]
+    reader, (ky, kx) = _gallery_reader(sdata, image_key, table.uns.get(Keys.TILING, {}).get("mpp"))
 
     if ax is None:
         ncols = int(min(ncols, n))
@@ -368,10 +378,7 @@ def top_patches(
         (int(np.floor(y0 / ky)), int(np.ceil(y1 / ky)), int(np.floor(x0 / kx)), int(np.ceil(x1 / kx)))
         for x0, y0, x1, y1 in boxes
     ]
-    data = lv.data
-    if np.dtype(data.dtype).kind == "f":  # the gallery scales float images in float32, not in their own dtype
-        data = data.astype(np.float32, copy=False)
-    for i, win in enumerate(LevelReader(data, rgb, scale).read(windows)):
+    for i, win in enumerate(reader.read(windows)):
         ax_i = flat[i]
         ax_i.imshow(np.moveaxis(win, 0, -1).astype(np.uint8))
         ax_i.set_title(f"{values[top[i]]:.3g}", fontsize=8)

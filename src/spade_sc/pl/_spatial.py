@@ -6,18 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._constants import WRITERS, Keys
 from .._sdata import resolve_key, shared_coordinate_system, table_region
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from spatialdata import SpatialData
-
-WRITERS = {
-    "spade_expert": "spade_sc.tl.fit / spade_sc.tl.embed / spade_sc.tl.build_experts",
-    "spade_routing_entropy": "spade_sc.tl.fit / spade_sc.tl.embed",
-    "spade_attention": "spade_sc.tl.attention",
-    "spade_attention_pct": "spade_sc.tl.attention",
-}
 
 
 def finish(ax: Axes | Sequence[Axes], show: bool | None, save: str | Path | None) -> Any:
@@ -125,7 +119,7 @@ def experts(
     """
     return spatial_column(
         sdata,
-        "spade_expert",
+        Keys.EXPERT,
         image_key=image_key,
         shapes_key=shapes_key,
         table_key=table_key,
@@ -175,7 +169,7 @@ def routing(
     """
     return spatial_column(
         sdata,
-        "spade_routing_entropy",
+        Keys.ROUTING_ENTROPY,
         image_key=image_key,
         shapes_key=shapes_key,
         table_key=table_key,

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from contextlib import closing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._constants import Keys
 from .._image import (
     FILL,
     MIN_PATCH_SIZE,
@@ -42,6 +45,7 @@ from .._image import (
     value_scale,
 )
 from .._sdata import (
+    Spots,
     image_pixel_size,
     resolve_key,
     resolve_spots,
@@ -49,11 +53,13 @@ from .._sdata import (
     shared_coordinate_system,
     to_pixels_matrix,
 )
+from .._validation import check_int, check_mpp
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 logger = logging.getLogger("spade_sc")
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # public API
@@ -145,48 +151,96 @@ def image_features(
       ``coordinate_system``, ``fill``, ``n_outside`` (instances whose centre is outside the image) and
       ``spade_sc_version``.
     """
-    # ---- arguments ------------------------------------------------------------------------------------------------
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer) or patch_size < MIN_PATCH_SIZE:
-        msg = f"patch_size must be an integer >= {MIN_PATCH_SIZE}, got {patch_size!r}."
-        raise ValueError(msg)
-    patch_size = int(patch_size)
-    if isinstance(mpp, bool) or not isinstance(mpp, int | float | np.number) or not np.isfinite(mpp) or mpp <= 0:
-        msg = f"mpp must be a positive number of micrometres per pixel, got {mpp!r}."
-        raise ValueError(msg)
-    mpp = float(mpp)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        msg = f"batch_size must be a positive integer, got {batch_size!r}."
-        raise ValueError(msg)
+    patch_size = check_int(patch_size, "patch_size", low=MIN_PATCH_SIZE)
+    mpp = check_mpp(mpp)
+    batch_size = check_int(batch_size, "batch_size")
+    num_workers = check_int(num_workers, "num_workers", low=0, none_ok=True)
     if num_workers is None:
         num_workers = _default_workers()
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer) or num_workers < 0:
-        msg = f"num_workers must be a non-negative integer or None, got {num_workers!r}."
-        raise ValueError(msg)
 
-    # ---- elements -------------------------------------------------------------------------------------------------
     image_key = resolve_key(sdata, "images", image_key)
     spots = resolve_spots(sdata, table_key, shapes_key)
-    table_key, shapes_key, table, shapes = spots.table_key, spots.shapes_key, spots.table, spots.shapes
-    if len(shapes) == 0:
-        msg = f"The shapes element {shapes_key!r} is empty."
+    if len(spots.shapes) == 0:
+        msg = f"The shapes element {spots.shapes_key!r} is empty."
         raise ValueError(msg)
-
     levels = image_levels(sdata.images[image_key])
     rgb = rgb_channels(levels[0], image_key)
     scale = value_scale(levels, image_key)
-    cs = shared_coordinate_system(sdata, image_key, shapes_key)
+    cs = shared_coordinate_system(sdata, image_key, spots.shapes_key)
     p0 = image_pixel_size(sdata, image_key, image_mpp=image_mpp)
+    centres = _locate(sdata, image_key, spots, levels, cs)
+    if key_added is not None:
+        _check_free(spots, key_added, overwrite)
+    mpps = level_mpp(levels, p0)
+    level = choose_level(mpps, mpp)
+    side0 = patch_size * mpp / p0  # patch side in level-0 pixels
+    _check_polygon_size(spots.shapes, spots.shapes_key, centres.matrix, side0, centres.pos)
 
+    from ..encoders import get_encoder
+
+    enc = get_encoder(encoder, device=device)
+    key = key_added or Keys.features(enc.name)
+    if not key_added:  # a given key_added was checked above
+        _check_free(spots, key, overwrite)
+    logger.info(
+        "image_features: %d patches of %d px at %.3g um/px from level %d (%.3g um/px) of %r, encoder %r",
+        len(centres.rows),
+        patch_size,
+        mpp,
+        level,
+        mpps[level],
+        image_key,
+        enc.name,
+    )
+    reader = LevelReader(levels[level].data, rgb, scale)
+    desc = f"image_features {image_key}"
+    feats = _extract(enc, reader, centres.px, levels, level, side0, patch_size, batch_size, num_workers, progress, desc)
+    out = np.full((spots.table.n_obs, enc.dim), np.nan, dtype=np.float32)
+    out[centres.rows] = feats
+    if not inplace:
+        return out
+    spots.table.obsm[key] = out
+    spots.table.uns[key] = _record(
+        enc,
+        mpp=mpp,
+        patch_size=patch_size,
+        level=level,
+        level_mpp=mpps[level],
+        image_mpp=p0,
+        image_key=image_key,
+        shapes_key=spots.shapes_key,
+        coordinate_system=cs,
+        n_outside=centres.n_outside,
+    )
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# steps
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Centres:
+    """Where the patches go: the table rows embedded and their centres in the image's level-0 pixels."""
+
+    rows: np.ndarray  # rows of the table annotating the shapes
+    pos: np.ndarray  # position in the shapes of each of those rows
+    px: np.ndarray  # (n, 2) level-0 pixel (x, y) centre of each of those rows
+    matrix: np.ndarray  # 3x3 affine: shapes' intrinsic (x, y) -> level-0 pixels
+    n_outside: int  # centres outside the image
+
+
+def _locate(sdata: SpatialData, image_key: str, spots: Spots, levels: Sequence[Any], cs: str) -> _Centres:
+    """The centres of the instances in the image's level-0 pixels (through ``cs``); none inside is an error."""
     rows, pos = spots.instances()
-    matrix = to_pixels_matrix(sdata, shapes_key, image_key, cs)
-    xy = shape_centres(shapes, shapes_key)[pos]
+    matrix = to_pixels_matrix(sdata, spots.shapes_key, image_key, cs)
+    xy = shape_centres(spots.shapes, spots.shapes_key)[pos]
     px = xy @ matrix[:2, :2].T + matrix[:2, 2]  # level-0 pixels (x, y)
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
     inside = (px[:, 0] >= 0) & (px[:, 0] < w0) & (px[:, 1] >= 0) & (px[:, 1] < h0)
     if not inside.any():
         lo, hi = px.min(0), px.max(0)
         msg = (
-            f"No centre of the {len(px)} instances of shapes {shapes_key!r} falls inside image {image_key!r} "
+            f"No centre of the {len(px)} instances of shapes {spots.shapes_key!r} falls inside image {image_key!r} "
             f"({w0} x {h0} px): they span x {lo[0]:.0f}..{hi[0]:.0f}, y {lo[1]:.0f}..{hi[1]:.0f} image pixels in "
             f"coordinate system {cs!r}. Check the transformations of both elements."
         )
@@ -197,72 +251,74 @@ def image_features(
             "image_features: %d of %d centres of %r lie outside image %r; their patches are mostly fill (white).",
             n_outside,
             len(px),
-            shapes_key,
+            spots.shapes_key,
             image_key,
         )
-    if key_added is not None and key_added in table.obsm and not overwrite:
-        msg = f"tables[{table_key!r}].obsm[{key_added!r}] exists; pass overwrite=True to replace it."
+    return _Centres(rows=rows, pos=pos, px=px, matrix=matrix, n_outside=n_outside)
+
+
+def _check_free(spots: Spots, key: str, overwrite: bool) -> None:
+    """Refuse to replace ``obsm[key]`` of the spots' table unless ``overwrite``."""
+    if key in spots.table.obsm and not overwrite:
+        msg = f"tables[{spots.table_key!r}].obsm[{key!r}] exists; pass overwrite=True to replace it."
         raise ValueError(msg)
 
-    # ---- level --------------------------------------------------------------------------------------------------
-    mpps = level_mpp(levels, p0)
-    level = choose_level(mpps, mpp)
+
+def _extract(
+    enc: Any,
+    reader: LevelReader,
+    px: np.ndarray,
+    levels: Sequence[Any],
+    level: int,
+    side0: float,
+    patch_size: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+) -> np.ndarray:
+    """(n, dim) features of the patches of side ``side0`` level-0 pixels around ``px``, read from ``level``."""
     lv = levels[level]
-    ky = h0 / lv.sizes["y"]
-    kx = w0 / lv.sizes["x"]
-    side0 = patch_size * mpp / p0  # level-0 pixels
-    _check_polygon_size(shapes, shapes_key, matrix, side0, pos)
-
-    # ---- encoder --------------------------------------------------------------------------------------------------
-    from ..encoders import get_encoder
-
-    enc = get_encoder(encoder, device=device)
-    key = key_added or f"X_{enc.name}"
-    if not key_added and key in table.obsm and not overwrite:  # a given key_added was checked above
-        msg = f"tables[{table_key!r}].obsm[{key!r}] exists; pass overwrite=True to replace it."
-        raise ValueError(msg)
-    logger.info(
-        "image_features: %d patches of %d px at %.3g um/px from level %d (%.3g um/px) of %r, encoder %r",
-        len(rows),
-        patch_size,
-        mpp,
-        level,
-        mpps[level],
-        image_key,
-        enc.name,
-    )
-
-    # ---- run ----------------------------------------------------------------------------------------------------
-    reader = LevelReader(lv.data, rgb, scale)
+    ky = levels[0].sizes["y"] / lv.sizes["y"]
+    kx = levels[0].sizes["x"] / lv.sizes["x"]
     sampler = PatchSampler(reader, side0 / ky, side0 / kx, patch_size)
     centres = np.stack([px[:, 0] / kx, px[:, 1] / ky], axis=1)
     cy, cx = reader.chunk_index(centres[:, 1], centres[:, 0])
     order = morton_order(cy, cx, centres[:, 1], centres[:, 0])
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    feats = _run(enc, sampler, centres, batches, num_workers, progress, desc=f"image_features {image_key}")
+    return _run(enc, sampler, centres, batches, num_workers, progress, desc=desc)
 
-    out = np.full((table.n_obs, enc.dim), np.nan, dtype=np.float32)
-    out[rows] = feats
-    if not inplace:
-        return out
+
+def _record(
+    enc: Any,
+    *,
+    mpp: float,
+    patch_size: int,
+    level: int,
+    level_mpp: float,
+    image_mpp: float,
+    image_key: str,
+    shapes_key: str,
+    coordinate_system: str,
+    n_outside: int,
+) -> dict[str, Any]:
+    """The ``uns`` record of the features: the encoder's spec, how the patches were made, the version."""
     from .. import __version__
 
-    table.obsm[key] = out
-    table.uns[key] = {
+    return {
         "encoder": enc.spec,
         "mpp": mpp,
         "patch_size": patch_size,
         "level": int(level),
-        "level_mpp": float(mpps[level]),
-        "image_mpp": float(p0),
+        "level_mpp": float(level_mpp),
+        "image_mpp": float(image_mpp),
         "image_key": image_key,
         "shapes_key": shapes_key,
-        "coordinate_system": cs,
+        "coordinate_system": coordinate_system,
         "fill": FILL,
         "n_outside": n_outside,
         "spade_sc_version": __version__,
     }
-    return None
 
 
 def _run(

@@ -5,17 +5,30 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
-from .._image import choose_level, image_levels, level_mpp, read_level_rgb, rgb_channels, value_scale
+from .._constants import Keys
+from .._image import (
+    MIN_PATCH_SIZE,
+    choose_level,
+    image_levels,
+    level_mpp,
+    read_level_rgb,
+    rgb_channels,
+    value_scale,
+)
 from .._sdata import image_pixel_size, resolve_key
+from .._validation import check_fraction, check_int, check_mpp
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import xarray as xr
+    from anndata import AnnData
     from spatialdata import SpatialData
 
 logger = logging.getLogger("spade_sc")
@@ -104,11 +117,8 @@ def tissue_mask(
     ``tissue_fraction`` (of the whole image).
     """
     image_key = resolve_key(sdata, "images", image_key)
-    levels = image_levels(sdata.images[image_key])
-    rgb = rgb_channels(levels[0], image_key)
-    scale = value_scale(levels, image_key)
-    p0 = image_pixel_size(sdata, image_key, image_mpp=image_mpp)
-    return _tissue_mask(levels, p0, rgb, scale, tile_um)
+    mask, info, _, _ = _image_mask(sdata, image_key, tile_um, image_mpp)
+    return mask, info
 
 
 def _tissue_mask(
@@ -226,34 +236,80 @@ def tile_tissue(
       ``tissue_fraction`` of the
       image, ``n_tiles``, ``spade_sc_version``).
     """
-    import geopandas as gpd
-    import pandas as pd
-    import shapely
-    from anndata import AnnData
-    from scipy import sparse
-    from spatialdata.models import ShapesModel, TableModel
-    from spatialdata.transformations import get_transformation
-
-    # ---- arguments ------------------------------------------------------------------------------------------------
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 16:
-        msg = f"tile_size must be an integer >= 16, got {tile_size!r}."
-        raise ValueError(msg)
-    if isinstance(overlap, bool) or not isinstance(overlap, int | np.integer) or not 0 <= overlap < tile_size:
-        msg = f"overlap must be an integer with 0 <= overlap < tile_size ({tile_size}), got {overlap!r}."
-        raise ValueError(msg)
-    if isinstance(mpp, bool) or not isinstance(mpp, int | float | np.number) or not np.isfinite(mpp) or mpp <= 0:
-        msg = f"mpp must be a positive number of micrometres per pixel, got {mpp!r}."
-        raise ValueError(msg)
-    if (
-        isinstance(min_tissue, bool)
-        or not isinstance(min_tissue, int | float | np.number)
-        or not 0.0 <= float(min_tissue) <= 1.0
-    ):
-        msg = f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}."
-        raise ValueError(msg)
+    tile_size = check_int(tile_size, "tile_size", low=MIN_PATCH_SIZE)
+    overlap = check_int(overlap, "overlap", low=0, high=tile_size, why=f" (below tile_size = {tile_size})")
+    mpp = check_mpp(mpp)
+    min_tissue = check_fraction(min_tissue, "min_tissue", closed_high=True)
     image_key = resolve_key(sdata, "images", image_key)
-    shapes_key = key_added or f"{image_key}_tiles"
-    table_key = f"{shapes_key}_table"
+    shapes_key, table_key = tiles_keys(image_key, key_added)
+    _check_names(sdata, shapes_key, table_key, overwrite=overwrite)
+
+    tile_um = tile_size * mpp
+    mask, info, p0, (h0, w0) = _image_mask(sdata, image_key, tile_um, image_mpp)
+    grid = _grid(mask, info, (h0, w0), side=tile_um / p0, step=(tile_size - overlap) * mpp / p0)
+    keep = (grid.frac >= min_tissue) & (grid.frac > 0)
+    if not keep.any():
+        msg = (
+            f"No tile of image {image_key!r} has at least {min_tissue:.0%} tissue: the tissue mask covers "
+            f"{info['tissue_fraction']:.2%} of the image (saturation threshold {info['threshold']:.3f}, texture "
+            f"threshold {info['texture_threshold']:.1f}, mask level {info['level']} at {info['mask_mpp']:.2f} "
+            "um/px). Lower min_tissue or check the image."
+        )
+        raise ValueError(msg)
+    grid = grid.subset(keep)
+    params = {
+        "image_key": image_key,
+        "mpp": mpp,
+        "tile_size": tile_size,
+        "overlap": overlap,
+        "min_tissue": min_tissue,
+        "image_mpp": float(p0),
+        "tile_px": float(grid.side),
+        "step_px": float(grid.step),
+        "grid_shape": list(grid.shape),
+        "mask_level": info["level"],
+        "mask_factor": info["factor"],
+        "mask_mpp": info["mask_mpp"],
+        "threshold": info["threshold"],
+        "texture_threshold": info["texture_threshold"],
+        "tissue_fraction": info["tissue_fraction"],
+        "n_tiles": len(grid.rows),
+    }
+    shapes = _tiles_shapes(grid, sdata.images[image_key])
+    table = _tiles_table(grid, shapes_key, params)
+    if table_key in sdata.tables:
+        del sdata.tables[table_key]
+    if shapes_key in sdata.shapes:
+        del sdata.shapes[shapes_key]
+    sdata.shapes[shapes_key] = shapes
+    sdata.tables[table_key] = table
+    logger.info(
+        "tile_tissue: %d tiles of %d px at %.3g um/px on %r (tissue %.1f%% of the image, mask level %d)",
+        len(grid.rows),
+        tile_size,
+        mpp,
+        image_key,
+        100 * info["tissue_fraction"],
+        info["level"],
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# steps of tile_tissue
+# --------------------------------------------------------------------------------------------------------------------
+def tiles_keys(image_key: str, key_added: str | None = None) -> tuple[str, str]:
+    """(shapes key, table key) of the tiles of ``image_key`` (``key_added`` names the shapes when given).
+
+    The default names are :meth:`Keys.tiles` and :meth:`Keys.tiles_table`; the table of shapes named ``key_added``
+    is ``"<key_added>_table"`` (spatialdata needs distinct names for a shapes element and a table).
+    """
+    if key_added is None:
+        return Keys.tiles(image_key), Keys.tiles_table(image_key)
+    return key_added, Keys.table_of(key_added)
+
+
+def _check_names(sdata: SpatialData, shapes_key: str, table_key: str, *, overwrite: bool) -> None:
+    """The tiles' names must not name other kinds of elements, nor existing tiles unless ``overwrite``."""
     for name, kinds in (
         (shapes_key, ("images", "labels", "points", "tables")),
         (table_key, ("images", "labels", "points", "shapes")),
@@ -269,18 +325,41 @@ def tile_tissue(
             msg = f"{' and '.join(exists)} already exist(s); pass overwrite=True to replace."
             raise ValueError(msg)
 
-    # ---- mask ---------------------------------------------------------------------------------------------------
+
+def _image_mask(
+    sdata: SpatialData, image_key: str, tile_um: float, image_mpp: float | None
+) -> tuple[np.ndarray, dict[str, Any], float, tuple[int, int]]:
+    """:func:`tissue_mask` of a resolved image, with the level-0 pixel size and (height, width)."""
     levels = image_levels(sdata.images[image_key])
     p0 = image_pixel_size(sdata, image_key, image_mpp=image_mpp)
-    tile_um = tile_size * mpp
     rgb = rgb_channels(levels[0], image_key)
     scale = value_scale(levels, image_key)
     mask, info = _tissue_mask(levels, p0, rgb, scale, tile_um)
+    return mask, info, p0, (int(levels[0].sizes["y"]), int(levels[0].sizes["x"]))
 
-    # ---- grid -----------------------------------------------------------------------------------------------------
-    h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
-    side = tile_um / p0
-    step = (tile_size - overlap) * mpp / p0
+
+@dataclass(frozen=True)
+class _Grid:
+    """Square tiles of ``side`` level-0 pixels every ``step`` pixels: grid position, corner and tissue fraction."""
+
+    side: float
+    step: float
+    shape: tuple[int, int]  # (rows, columns) of the whole grid
+    rows: np.ndarray
+    cols: np.ndarray
+    y0: np.ndarray
+    x0: np.ndarray
+    frac: np.ndarray
+
+    def subset(self, keep: np.ndarray) -> _Grid:
+        """The tiles where ``keep`` is True."""
+        picked = {k: getattr(self, k)[keep] for k in ("rows", "cols", "y0", "x0", "frac")}
+        return _Grid(side=self.side, step=self.step, shape=self.shape, **picked)
+
+
+def _grid(mask: np.ndarray, info: dict[str, Any], size: tuple[int, int], *, side: float, step: float) -> _Grid:
+    """The grid from the image's top-left corner covering the whole image, with each tile's tissue fraction."""
+    h0, w0 = size
     n_rows = max(1, math.ceil(max(h0 - side, 0) / step) + 1)
     n_cols = max(1, math.ceil(max(w0 - side, 0) / step) + 1)
     rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
@@ -288,32 +367,39 @@ def tile_tissue(
     y0, x0 = rows * step, cols * step
     sy, sx = info["scale"]
     frac = _box_fraction(mask, y0 / sy, (y0 + side) / sy, x0 / sx, (x0 + side) / sx)
-    keep = (frac >= float(min_tissue)) & (frac > 0)
-    if not keep.any():
-        msg = (
-            f"No tile of image {image_key!r} has at least {min_tissue:.0%} tissue: the tissue mask covers "
-            f"{info['tissue_fraction']:.2%} of the image (saturation threshold {info['threshold']:.3f}, texture "
-            f"threshold {info['texture_threshold']:.1f}, mask level {info['level']} at {info['mask_mpp']:.2f} "
-            "um/px). Lower min_tissue or check the image."
-        )
-        raise ValueError(msg)
-    rows, cols, y0, x0, frac = rows[keep], cols[keep], y0[keep], x0[keep], frac[keep]
-    n = len(rows)
+    return _Grid(side=side, step=step, shape=(int(n_rows), int(n_cols)), rows=rows, cols=cols, y0=y0, x0=x0, frac=frac)
+
+
+def _tiles_shapes(grid: _Grid, image: Any) -> Any:
+    """The tiles as square polygons in the image's level-0 pixels, with the image's transformations."""
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import get_transformation
+
+    transforms = {cs: copy.deepcopy(t) for cs, t in get_transformation(image, get_all=True).items()}
+    geoms = shapely.box(grid.x0, grid.y0, grid.x0 + grid.side, grid.y0 + grid.side)
+    gdf = gpd.GeoDataFrame(geometry=geoms, index=pd.Index(np.arange(len(grid.rows)), name="tile_id"))
+    return ShapesModel.parse(gdf, transformations=transforms)
+
+
+def _tiles_table(grid: _Grid, shapes_key: str, params: dict[str, Any]) -> AnnData:
+    """The table annotating the tiles: grid position, tissue fraction, centre; ``uns["tile_tissue"]``."""
+    from anndata import AnnData
+    from scipy import sparse
+    from spatialdata.models import TableModel
+
+    from .. import __version__
+
+    n = len(grid.rows)
     ids = np.arange(n)
-
-    # ---- elements -------------------------------------------------------------------------------------------------
-    transforms = {cs: copy.deepcopy(t) for cs, t in get_transformation(sdata.images[image_key], get_all=True).items()}
-    geoms = shapely.box(x0, y0, x0 + side, y0 + side)
-    gdf = gpd.GeoDataFrame(geometry=geoms, index=pd.Index(ids, name="tile_id"))
-    shapes = ShapesModel.parse(gdf, transformations=transforms)
-
-    cx, cy = x0 + side / 2, y0 + side / 2
+    cx, cy = grid.x0 + grid.side / 2, grid.y0 + grid.side / 2
     obs = pd.DataFrame(
         {
             "tile_id": ids,
-            "row": rows.astype(np.int64),
-            "col": cols.astype(np.int64),
-            "tissue_fraction": frac.astype(np.float32),
+            "row": grid.rows.astype(np.int64),
+            "col": grid.cols.astype(np.int64),
+            "tissue_fraction": grid.frac.astype(np.float32),
             "x": cx,
             "y": cy,
             "region": pd.Categorical([shapes_key] * n),
@@ -322,41 +408,5 @@ def tile_tissue(
     )
     adata = AnnData(X=sparse.csr_matrix((n, 0), dtype=np.float32), obs=obs)
     adata.obsm["spatial"] = np.stack([cx, cy], axis=1)
-    from .. import __version__
-
-    adata.uns["tile_tissue"] = {
-        "image_key": image_key,
-        "mpp": float(mpp),
-        "tile_size": int(tile_size),
-        "overlap": int(overlap),
-        "min_tissue": float(min_tissue),
-        "image_mpp": float(p0),
-        "tile_px": float(side),
-        "step_px": float(step),
-        "grid_shape": [int(n_rows), int(n_cols)],
-        "mask_level": info["level"],
-        "mask_factor": info["factor"],
-        "mask_mpp": info["mask_mpp"],
-        "threshold": info["threshold"],
-        "texture_threshold": info["texture_threshold"],
-        "tissue_fraction": info["tissue_fraction"],
-        "n_tiles": int(n),
-        "spade_sc_version": __version__,
-    }
-    table = TableModel.parse(adata, region=shapes_key, region_key="region", instance_key="tile_id")
-
-    if table_key in sdata.tables:
-        del sdata.tables[table_key]
-    if shapes_key in sdata.shapes:
-        del sdata.shapes[shapes_key]
-    sdata.shapes[shapes_key] = shapes
-    sdata.tables[table_key] = table
-    logger.info(
-        "tile_tissue: %d tiles of %d px at %.3g um/px on %r (tissue %.1f%% of the image, mask level %d)",
-        n,
-        tile_size,
-        mpp,
-        image_key,
-        100 * info["tissue_fraction"],
-        info["level"],
-    )
+    adata.uns[Keys.TILING] = {**params, "spade_sc_version": __version__}
+    return TableModel.parse(adata, region=shapes_key, region_key="region", instance_key="tile_id")

@@ -30,9 +30,7 @@ logger = logging.getLogger("spade_sc")
 Tables = Mapping[str, tuple[str, "AnnData"]]
 
 
-def _slide_tissues(
-    tables: Tables, slides: Mapping[str, SpatialData], tissue_key: str | None
-) -> dict[str, np.ndarray]:
+def _slide_tissues(tables: Tables, slides: Mapping[str, SpatialData], tissue_key: str | None) -> dict[str, np.ndarray]:
     """Tissue of every row of every table, from an obs column or a per-slide attribute."""
     if tissue_key is None:
         return {sid: np.full(t.n_obs, ALL_TISSUES) for sid, (_, t) in tables.items()}

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import ROUTINGS
+from .._constants import EVALUATION_TASKS, EXTRA_REPRESENTATIONS, REPRESENTATIONS, ROUTINGS, Keys
 from .._sdata import Spots, as_cohort, features_matrix, resolve_spots
 from .._validation import check_choice, check_int, check_ints
 from ..pp import gene_matrix
@@ -48,12 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("spade_sc")
 
-#: Representations :func:`evaluate` compares by default; any other name is read from ``obsm``.
-REPRESENTATIONS = ("base", "spade_soft", "spade_hard", "spade_uniform", "single_expert", "random_projection")
-#: Built-in representations that are not in the default list.
-EXTRA_REPRESENTATIONS = ("untrained_heads",)
-#: Protocols of :func:`evaluate`.
-TASKS = ("expression", "label", "retrieval")
 #: Ridge penalties searched by inner cross-validation (features are standardised first).
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-1, 7, 17))
 #: Inverse L2 penalties of the logistic probe searched by inner cross-validation with all labels.
@@ -511,7 +505,7 @@ def predict_expression(
     features_key: str | None = None,
     table_key: str | None = None,
     reference_table_key: str | None = None,
-    key_added: str = "spade_predicted",
+    key_added: str = Keys.PREDICTED,
     inplace: bool = True,
 ) -> np.ndarray | None:
     """Predict the expression of every spot of a slide by retrieval in SPADE's joint space (as BLEEP does).
@@ -676,9 +670,9 @@ def _check_settings(
     if not representations:
         msg = "representations is empty."
         raise ValueError(msg)
-    tasks = [check_choice(t, "tasks", TASKS) for t in dict.fromkeys(tasks)]
+    tasks = [check_choice(t, "tasks", EVALUATION_TASKS) for t in dict.fromkeys(tasks)]
     if not tasks:
-        msg = f"tasks is empty; choose among {TASKS}."
+        msg = f"tasks is empty; choose among {EVALUATION_TASKS}."
         raise ValueError(msg)
     if "label" in tasks and label_key is None:
         tasks.remove("label")
@@ -862,7 +856,7 @@ def evaluate(
     label_key: str | None = None,
     label_group_key: str | None = None,
     representations: Sequence[str] = REPRESENTATIONS,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = EVALUATION_TASKS,
     folds: Mapping[str, Sequence[str]] | Sequence[Sequence[str]] | None = None,
     fit_kwargs: Mapping[str, Any] | None = None,
     n_genes: int = 50,

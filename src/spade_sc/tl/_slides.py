@@ -13,12 +13,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .._sdata import _KINDS, ATTRS_KEY, as_cohort, resolve_key, resolve_table, table_region
+from .._constants import Keys
+from .._sdata import _KINDS, ATTRS_KEY, as_cohort, features_matrix, resolve_key, resolve_table, table_region
+from .._validation import uns_safe
+from ..pp import image_features, tile_tissue
+from ..pp._tiles import tiles_keys
+from ._spade import embed
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -27,9 +33,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("spade_sc")
 
 #: Suffix of the tiles shapes element written by :func:`spade_sc.pp.tile_tissue` (``"<image>_tiles"``).
-TILES_SUFFIX = "_tiles"
+TILES_SUFFIX = Keys.TILES_SUFFIX
 #: Default embedding key.
-SPADE_KEY = "X_spade"
+SPADE_KEY = Keys.SPADE
+#: How to compute tile features that are missing (appended to the error).
+_FEATURES_HINT = (
+    "Compute it with spade_sc.tl.slide_embeddings(cohort, model) (SPADE embedding) or "
+    "spade_sc.tl.slide_embeddings(cohort, encoder=...) (base encoder features), or with spade_sc.tl.embed / "
+    "spade_sc.pp.image_features on the tiles."
+)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -53,15 +65,14 @@ def find_tiles(
             made = [
                 table_region(t)[0][0]
                 for t in sdata.tables.values()
-                if "tile_tissue" in t.uns and "spatialdata_attrs" in t.uns and len(table_region(t)[0]) == 1
+                if Keys.TILING in t.uns and "spatialdata_attrs" in t.uns and len(table_region(t)[0]) == 1
             ]
             if len(made) == 1:
                 tiles_key = made[0]
             else:
                 image_key = resolve_key(sdata, "images", None, what="image_key")
         if tiles_key is None:
-            image_key = resolve_key(sdata, "images", image_key, what="image_key")
-            tiles_key = f"{image_key}{TILES_SUFFIX}"
+            tiles_key = Keys.tiles(resolve_key(sdata, "images", image_key, what="image_key"))
     if tiles_key not in sdata.shapes:
         return None
     try:
@@ -78,7 +89,7 @@ def require_tiles(
     """Like :func:`find_tiles`, but a slide without tiles is an error saying how to make them."""
     found = find_tiles(sdata, image_key=image_key, tiles_key=tiles_key, where=where)
     if found is None:
-        name = tiles_key or f"{resolve_key(sdata, 'images', image_key, what='image_key')}{TILES_SUFFIX}"
+        name = tiles_key or Keys.tiles(resolve_key(sdata, "images", image_key, what="image_key"))
         msg = (
             f"{where} has no tiles (no shapes element {name!r}; shapes present: {sorted(sdata.shapes)}). Tile it "
             "with spade_sc.pp.tile_tissue, or run spade_sc.tl.slide_embeddings(cohort, model) which tiles and embeds "
@@ -90,26 +101,12 @@ def require_tiles(
 
 def tile_features(table: AnnData, features_key: str, *, where: str) -> np.ndarray:
     """The (n_tiles, d) float32 features of a tiles table, checked (present, 2-D, finite, non-empty)."""
-    if features_key not in table.obsm:
-        msg = (
-            f"{where}: the tiles table has no obsm[{features_key!r}] (present: {sorted(table.obsm)}). Compute it with "
-            "spade_sc.tl.slide_embeddings(cohort, model) (SPADE embedding) or spade_sc.tl.slide_embeddings(cohort, "
-            "encoder=...) (base encoder features), or with spade_sc.tl.embed / spade_sc.pp.image_features on the tiles."
-        )
-        raise KeyError(msg)
-    x = np.asarray(table.obsm[features_key], dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        msg = f"{where}: obsm[{features_key!r}] has shape {x.shape}; a non-empty (n_tiles, d) matrix is expected."
-        raise ValueError(msg)
-    if not np.isfinite(x).all():
-        msg = f"{where}: obsm[{features_key!r}] holds {int((~np.isfinite(x).all(1)).sum())} rows with NaN or inf."
-        raise ValueError(msg)
-    return x
+    return features_matrix(table, features_key, where=f"{where}, tiles table", hint=_FEATURES_HINT)
 
 
 def slide_info(sdata: SpatialData) -> dict[str, Any]:
     """Scalar slide-level annotations in ``sdata.attrs["spade_sc"]["slide"]`` (e.g. written by ``synthetic``)."""
-    info = sdata.attrs.get(ATTRS_KEY, {}).get("slide", {}) or {}
+    info = sdata.attrs.get(ATTRS_KEY, {}).get(Keys.SLIDE, {}) or {}
     return {
         str(k): (v.item() if isinstance(v, np.generic) else v)
         for k, v in info.items()
@@ -137,24 +134,6 @@ def labels_frame(labels: Any, cohort_ids: Sequence[str], *, arg: str = "labels")
         msg = f"{arg} holds slide ids that are not in the cohort: {unknown[:10]} (cohort: {list(cohort_ids)[:10]}...)."
         raise ValueError(msg)
     return frame
-
-
-def _drop_none(value: Any) -> Any:
-    """``value`` without the None entries of its dicts (zarr / h5ad cannot store None in ``uns``)."""
-    if isinstance(value, Mapping):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list | tuple):
-        return [_drop_none(v) for v in value]
-    return value
-
-
-def _check_model(model: Any) -> None:
-    if model is not None and not (hasattr(model, "get_image_embedding") and hasattr(model, "features_key")):
-        msg = (
-            f"model must be a trained spade_sc.tl.SpadeModel (from spade_sc.tl.fit or SpadeModel.load), got "
-            f"{type(model).__name__}."
-        )
-        raise TypeError(msg)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -242,12 +221,93 @@ def slide_embeddings(
           :func:`spade_sc.tl.embed` (``obs["spade_expert"]``, ``obsm["spade_routing"]``, ``uns["spade"]``, ...) or
           :func:`spade_sc.pp.image_features` (``uns[features_key]``) write.
     """
-    from anndata import AnnData
     from tqdm.auto import tqdm
 
-    from .. import __version__
-
     slides = as_cohort(cohort)
+    tiles_key = _check_arguments(model, encoder, key_added, tile_kwargs, tiles_key)
+    label_frame = None if labels is None else labels_frame(labels, list(slides))
+    enc = None
+    if encoder is not None:
+        from ..encoders import get_encoder
+
+        enc = get_encoder(encoder)
+    if features_key is None:
+        features_key = Keys.features(enc.name) if enc is not None else Keys.SPADE
+
+    # validation: nothing is written before every slide has passed
+    plan: dict[str, _Step] = {}
+    dims: dict[str, int] = {}
+    for name, sdata in slides.items():
+        where = f"Slide {name!r}"
+        plan[name], dim = _plan_slide(
+            sdata, where, model, enc, features_key, tiles=tiles, image_key=image_key, tiles_key=tiles_key
+        )
+        _check_key_added(sdata, key_added, plan[name].table_key, where)
+        if plan[name].features:
+            _check_embeddable(sdata, plan[name], model, enc, features_key, where)
+        if dim is not None:
+            dims[name] = dim
+    _check_dims(dims, features_key)
+
+    tiles_encoder = _tiles_encoder(enc, model, features_key, plan)
+    rows: list[dict[str, Any]] = []
+    pooled: list[np.ndarray] = []
+    for name, sdata in tqdm(slides.items(), desc="slide_embeddings", unit="slide", disable=not progress):
+        step, where = plan[name], f"Slide {name!r}"
+        if step.tile:
+            _tile(sdata, step, dict(tile_kwargs or {}), tiles_key, where)
+        if step.features:
+            _embed_tiles(sdata, step, model, tiles_encoder, features_key, routing, dict(feature_kwargs or {}), progress)
+        table = sdata.tables[step.table_key]
+        x = tile_features(table, features_key, where=where)
+        pooled.append(x.mean(axis=0))
+        image = step.image_key or table.uns.get(Keys.TILING, {}).get("image_key", "")
+        rows.append(
+            {**slide_info(sdata), "n_tiles": int(x.shape[0]), "image_key": str(image), "tiles_key": step.tiles_key}
+        )
+    _check_dims({name: len(v) for name, v in zip(slides, pooled, strict=True)}, features_key)
+
+    params = _params(features_key, model, enc, routing)
+    adata = _cohort_table(list(slides), rows, np.stack(pooled).astype(np.float32), label_frame, features_key)
+    adata.uns[key_added] = {"params": params}
+    _write_slide_tables(slides, adata, key_added)
+    logger.info(
+        "slide_embeddings: %d slides, %s-d %r mean-pooled over %d tiles in total",
+        len(slides),
+        adata.obsm[features_key].shape[1],
+        features_key,
+        int(adata.obs["n_tiles"].sum()),
+    )
+    return adata
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# steps of slide_embeddings
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Step:
+    """What :func:`slide_embeddings` does to one slide: tile it and / or compute its tile features."""
+
+    image_key: str | None
+    tiles_key: str
+    table_key: str  # the tiles table (the name tile_tissue will write, for slides not tiled yet)
+    tile: bool
+    features: bool
+
+
+def _check_model(model: Any) -> None:
+    if model is not None and not (hasattr(model, "get_image_embedding") and hasattr(model, "features_key")):
+        msg = (
+            f"model must be a trained spade_sc.tl.SpadeModel (from spade_sc.tl.fit or SpadeModel.load), got "
+            f"{type(model).__name__}."
+        )
+        raise TypeError(msg)
+
+
+def _check_arguments(
+    model: Any, encoder: Any, key_added: Any, tile_kwargs: Mapping[str, Any] | None, tiles_key: str | None
+) -> str | None:
+    """Check the arguments that do not depend on the slides; return the tiles key (``tile_kwargs["key_added"]``)."""
     _check_model(model)
     if model is not None and encoder is not None:
         msg = (
@@ -258,8 +318,7 @@ def slide_embeddings(
     if not isinstance(key_added, str) or not key_added:
         msg = f"key_added must be a non-empty string, got {key_added!r}."
         raise ValueError(msg)
-    tile_kwargs = dict(tile_kwargs or {})
-    feature_kwargs = dict(feature_kwargs or {})
+    tile_kwargs = tile_kwargs or {}
     if "image_key" in tile_kwargs:
         msg = "tile_kwargs must not hold 'image_key': pass image_key= to slide_embeddings."
         raise ValueError(msg)
@@ -268,110 +327,151 @@ def slide_embeddings(
             msg = f"tiles_key={tiles_key!r} differs from tile_kwargs['key_added']={tile_kwargs['key_added']!r}."
             raise ValueError(msg)
         tiles_key = tile_kwargs["key_added"]
-    label_frame = None if labels is None else labels_frame(labels, list(slides))
+    return tiles_key
 
-    enc = None
-    if encoder is not None:
-        from ..encoders import get_encoder
 
-        enc = get_encoder(encoder)
-    if features_key is None:
-        features_key = f"X_{enc.name}" if enc is not None else SPADE_KEY
-
-    # ---- validation: nothing is written before every slide has passed ---------------------------------------------
-    plan: dict[str, dict[str, Any]] = {}
-    dims: dict[str, int] = {}
-    for name, sdata in slides.items():
-        where = f"Slide {name!r}"
-        found = find_tiles(sdata, image_key=image_key, tiles_key=tiles_key, where=where)
-        step: dict[str, Any] = {"image_key": image_key, "tile": found is None, "features": True}
-        if found is None:
-            img = resolve_key(sdata, "images", image_key, what="image_key")
-            if not tiles:
-                shapes_name = tiles_key or f"{img}{TILES_SUFFIX}"
-                msg = (
-                    f"{where} has no tiles (shapes {shapes_name!r}) and tiles=False: tile it with "
-                    "spade_sc.pp.tile_tissue or pass tiles=True."
-                )
-                raise KeyError(msg)
-            step["image_key"] = img
-            step["tiles_key"] = tiles_key or f"{img}{TILES_SUFFIX}"
-        else:
-            step["tiles_key"], step["table_key"] = found
-            table = sdata.tables[found[1]]
-            if step["image_key"] is None:
-                step["image_key"] = table.uns.get("tile_tissue", {}).get("image_key")
-            if features_key in table.obsm:
-                step["features"] = False
-                dims[name] = tile_features(table, features_key, where=where).shape[1]
-        for kind in _KINDS:
-            if kind != "tables" and key_added in getattr(sdata, kind):
-                msg = f"{where}: key_added={key_added!r} already names an element of sdata.{kind}; choose another."
-                raise ValueError(msg)
-        table_name = step.get("table_key", f"{step['tiles_key']}_table")
-        if key_added == table_name or (
-            key_added in sdata.tables and "spatialdata_attrs" in sdata.tables[key_added].uns
-        ):
-            msg = f"{where}: key_added={key_added!r} names a table that annotates elements (tiles or spots)."
-            raise ValueError(msg)
-        if step["features"]:
-            if model is None and enc is None:
-                what = "has no tiles yet" if step["tile"] else f"has tiles without obsm[{features_key!r}]"
-                msg = (
-                    f"{where} {what}, and there is nothing to embed them with: pass model= (a trained "
-                    f"spade_sc.tl.SpadeModel, for {SPADE_KEY!r}) or encoder= (e.g. 'efficientnet_lite0', for base "
-                    "features 'X_<encoder>'), or compute the tile features first."
-                )
-                raise ValueError(msg)
-            has_base = not step["tile"] and model is not None and model.features_key in table.obsm
-            if model is not None and model.encoder_spec is None and not has_base:
-                msg = (
-                    f"{where}: obsm[{features_key!r}] is missing and the model records no encoder to compute the "
-                    f"{model.features_key!r} features it takes; compute them on the tiles first "
-                    "(spade_sc.pp.image_features)."
-                )
-                raise ValueError(msg)
-        plan[name] = step
-    if len(set(dims.values())) > 1:
-        msg = f"The tile features {features_key!r} differ in dimension across slides: {dims}."
-        raise ValueError(msg)
-
-    # ---- work -----------------------------------------------------------------------------------------------------
-    rows: list[dict[str, Any]] = []
-    pooled: list[np.ndarray] = []
-    for name, sdata in tqdm(slides.items(), desc="slide_embeddings", unit="slide", disable=not progress):
-        step = plan[name]
-        where = f"Slide {name!r}"
-        if step["tile"]:
-            from ..pp import tile_tissue
-
-            kwargs = dict(tile_kwargs)
-            if tiles_key is not None:
-                kwargs["key_added"] = tiles_key
-            tile_tissue(sdata, image_key=step["image_key"], **kwargs)
-            step["tiles_key"], step["table_key"] = require_tiles(
-                sdata, image_key=step["image_key"], tiles_key=step["tiles_key"], where=where
+def _plan_slide(
+    sdata: SpatialData,
+    where: str,
+    model: Any,
+    enc: Any,
+    features_key: str,
+    *,
+    tiles: bool,
+    image_key: str | None,
+    tiles_key: str | None,
+) -> tuple[_Step, int | None]:
+    """What to do to one slide and the width of its existing tile features (None when missing)."""
+    found = find_tiles(sdata, image_key=image_key, tiles_key=tiles_key, where=where)
+    dim = None
+    if found is None:
+        image = resolve_key(sdata, "images", image_key, what="image_key")
+        shapes_name, table_name = tiles_keys(image, tiles_key)
+        if not tiles:
+            msg = (
+                f"{where} has no tiles (shapes {shapes_name!r}) and tiles=False: tile it with "
+                "spade_sc.pp.tile_tissue or pass tiles=True."
             )
-        tkey, skey = step["table_key"], step["tiles_key"]
-        table = sdata.tables[tkey]
-        if step["features"]:
-            _embed_tiles(sdata, model, enc, step, features_key, routing, feature_kwargs, progress)
-        x = tile_features(table, features_key, where=where)
-        pooled.append(x.mean(axis=0))
-        rows.append(
-            {
-                **slide_info(sdata),
-                "n_tiles": int(x.shape[0]),
-                "image_key": str(step["image_key"] or table.uns.get("tile_tissue", {}).get("image_key", "")),
-                "tiles_key": skey,
-            }
+            raise KeyError(msg)
+        step = _Step(image, shapes_name, table_name, tile=True, features=True)
+    else:
+        table = sdata.tables[found[1]]
+        image = image_key if image_key is not None else table.uns.get(Keys.TILING, {}).get("image_key")
+        step = _Step(image, found[0], found[1], tile=False, features=features_key not in table.obsm)
+        if not step.features:
+            dim = tile_features(table, features_key, where=where).shape[1]
+    return step, dim
+
+
+def _check_embeddable(sdata: SpatialData, step: _Step, model: Any, enc: Any, features_key: str, where: str) -> None:
+    """The missing tile features of a slide can be computed (with the model or the encoder)."""
+    if model is None and enc is None:
+        what = "has no tiles yet" if step.tile else f"has tiles without obsm[{features_key!r}]"
+        msg = (
+            f"{where} {what}, and there is nothing to embed them with: pass model= (a trained "
+            f"spade_sc.tl.SpadeModel, for {Keys.SPADE!r}) or encoder= (e.g. 'efficientnet_lite0', for base "
+            "features 'X_<encoder>'), or compute the tile features first."
         )
-    dims_out = {name: len(v) for name, v in zip(slides, pooled, strict=True)}
-    if len(set(dims_out.values())) > 1:
-        msg = f"The tile features {features_key!r} differ in dimension across slides: {dims_out}."
+        raise ValueError(msg)
+    has_base = not step.tile and model is not None and model.features_key in sdata.tables[step.table_key].obsm
+    if model is not None and model.encoder_spec is None and not has_base:
+        msg = (
+            f"{where}: obsm[{features_key!r}] is missing and the model records no encoder to compute the "
+            f"{model.features_key!r} features it takes; compute them on the tiles first "
+            "(spade_sc.pp.image_features)."
+        )
         raise ValueError(msg)
 
-    obs = pd.DataFrame(rows, index=pd.Index(list(slides), name="slide"))
+
+def _check_key_added(sdata: SpatialData, key_added: str, tiles_table: str, where: str) -> None:
+    """``key_added`` names no element but a (replaceable) non-annotating table."""
+    for kind in _KINDS:
+        if kind != "tables" and key_added in getattr(sdata, kind):
+            msg = f"{where}: key_added={key_added!r} already names an element of sdata.{kind}; choose another."
+            raise ValueError(msg)
+    if key_added == tiles_table or (key_added in sdata.tables and "spatialdata_attrs" in sdata.tables[key_added].uns):
+        msg = f"{where}: key_added={key_added!r} names a table that annotates elements (tiles or spots)."
+        raise ValueError(msg)
+
+
+def _check_dims(dims: Mapping[str, int], features_key: str) -> None:
+    if len(set(dims.values())) > 1:
+        msg = f"The tile features {features_key!r} differ in dimension across slides: {dict(dims)}."
+        raise ValueError(msg)
+
+
+def _tiles_encoder(enc: Any, model: Any, features_key: str, plan: Mapping[str, _Step]) -> Any:
+    """The encoder of missing base features: ``enc``, or the model's own when its base features are pooled."""
+    if model is None or features_key != model.features_key or not any(s.features for s in plan.values()):
+        return enc
+    from ..encoders import encoder_from_spec
+
+    return encoder_from_spec(model.encoder_spec)
+
+
+def _tile(sdata: SpatialData, step: _Step, tile_kwargs: dict[str, Any], tiles_key: str | None, where: str) -> None:
+    """Tile a slide with :func:`spade_sc.pp.tile_tissue` and record the keys it wrote in ``step``."""
+    if tiles_key is not None:
+        tile_kwargs["key_added"] = tiles_key
+    tile_tissue(sdata, image_key=step.image_key, **tile_kwargs)
+    step.tiles_key, step.table_key = require_tiles(
+        sdata, image_key=step.image_key, tiles_key=step.tiles_key, where=where
+    )
+
+
+def _embed_tiles(
+    sdata: SpatialData,
+    step: _Step,
+    model: Any,
+    encoder: Any,
+    features_key: str,
+    routing: str | None,
+    feature_kwargs: dict[str, Any],
+    progress: bool,
+) -> None:
+    """Compute the missing tile features of one slide: SPADE embedding (``embed``) or base features.
+
+    Patches are cut at the tiling's ``mpp`` and ``tile_size`` (each patch is its tile) unless ``feature_kwargs``
+    says otherwise.
+    """
+    params = sdata.tables[step.table_key].uns.get(Keys.TILING, {})
+    kwargs: dict[str, Any] = {}
+    if "mpp" in params and "tile_size" in params:
+        kwargs = {"mpp": float(params["mpp"]), "patch_size": int(params["tile_size"])}
+    if step.image_key is not None:
+        kwargs["image_key"] = step.image_key
+    kwargs.update(feature_kwargs)
+    where = {"table_key": step.table_key, "shapes_key": step.tiles_key}
+    if model is not None and features_key != model.features_key:
+        embed(sdata, model, routing=routing, key_added=features_key, progress=progress, feature_kwargs=kwargs, **where)
+    else:
+        image_features(sdata, encoder=encoder, key_added=features_key, progress=progress, **kwargs, **where)
+
+
+def _params(features_key: str, model: Any, enc: Any, routing: str | None) -> dict[str, Any]:
+    """``uns[key_added]["params"]``: features key, pooling, version, and the model fingerprint or encoder spec."""
+    from .. import __version__
+
+    params: dict[str, Any] = {"features_key": features_key, "pooling": "mean", "spade_sc_version": __version__}
+    if model is not None:
+        params["model_fingerprint"] = model.fingerprint()
+        params["routing"] = routing or model.init_params_["routing"]
+    if enc is not None:
+        params["encoder"] = uns_safe(json.loads(json.dumps(enc.spec, default=str)))
+    return params
+
+
+def _cohort_table(
+    names: list[str],
+    rows: list[dict[str, Any]],
+    emb: np.ndarray,
+    label_frame: pd.DataFrame | None,
+    features_key: str,
+) -> AnnData:
+    """The cohort-level AnnData: one row per slide, ``obs`` from ``rows`` and the labels, ``obsm[features_key]``."""
+    from anndata import AnnData
+
+    obs = pd.DataFrame(rows, index=pd.Index(names, name="slide"))
     if label_frame is not None:
         obs = obs.drop(columns=[c for c in label_frame.columns if c in obs.columns])
         obs = obs.join(label_frame, how="left")
@@ -380,17 +480,13 @@ def slide_embeddings(
     for col in obs.columns:
         if obs[col].dtype == object and obs[col].map(lambda v: isinstance(v, str) or v is None).all():
             obs[col] = pd.Categorical(obs[col])
-    params: dict[str, Any] = {"features_key": features_key, "pooling": "mean", "spade_sc_version": __version__}
-    if model is not None:
-        params["model_fingerprint"] = model.fingerprint()
-        params["routing"] = routing or model.init_params_["routing"]
-    if enc is not None:
-        params["encoder"] = _drop_none(json.loads(json.dumps(enc.spec, default=str)))
-    emb = np.stack(pooled).astype(np.float32)
-    adata = AnnData(X=np.zeros((len(slides), 0), dtype=np.float32), obs=obs)
+    adata = AnnData(X=np.zeros((len(names), 0), dtype=np.float32), obs=obs)
     adata.obsm[features_key] = emb
-    adata.uns[key_added] = {"params": params}
+    return adata
 
+
+def _write_slide_tables(slides: Mapping[str, SpatialData], adata: AnnData, key_added: str) -> None:
+    """Write each slide's own row of ``adata`` as the non-annotating table ``tables[key_added]``."""
     from spatialdata.models import TableModel
 
     for i, (name, sdata) in enumerate(slides.items()):
@@ -399,54 +495,3 @@ def slide_embeddings(
             logger.info("slide_embeddings: replacing tables[%r] of slide %r", key_added, name)
             del sdata.tables[key_added]
         sdata.tables[key_added] = TableModel.parse(row)
-    logger.info(
-        "slide_embeddings: %d slides, %s-d %r mean-pooled over %d tiles in total",
-        len(slides),
-        emb.shape[1],
-        features_key,
-        int(obs["n_tiles"].sum()),
-    )
-    return adata
-
-
-def _embed_tiles(
-    sdata: SpatialData,
-    model: Any,
-    enc: Any,
-    step: dict[str, Any],
-    features_key: str,
-    routing: str | None,
-    feature_kwargs: dict[str, Any],
-    progress: bool,
-) -> None:
-    """Compute the missing tile features of one slide (SPADE model or base encoder)."""
-    from ..pp import image_features
-
-    tkey, skey = step["table_key"], step["tiles_key"]
-    params = sdata.tables[tkey].uns.get("tile_tissue", {})
-    kwargs: dict[str, Any] = {}
-    if "mpp" in params and "tile_size" in params:
-        kwargs = {"mpp": float(params["mpp"]), "patch_size": int(params["tile_size"])}
-    if step["image_key"] is not None:
-        kwargs["image_key"] = step["image_key"]
-    kwargs.update(feature_kwargs)
-    if model is None or features_key == model.features_key:
-        from ..encoders import encoder_from_spec
-
-        encoder = enc if model is None else encoder_from_spec(model.encoder_spec)
-        image_features(
-            sdata, encoder=encoder, shapes_key=skey, table_key=tkey, key_added=features_key, progress=progress, **kwargs
-        )
-        return
-    from ._spade import embed
-
-    embed(
-        sdata,
-        model,
-        routing=routing,
-        table_key=tkey,
-        shapes_key=skey,
-        key_added=features_key,
-        progress=progress,
-        feature_kwargs=kwargs,
-    )
