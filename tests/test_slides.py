@@ -135,7 +135,7 @@ def test_slide_embeddings_errors():
         sp.tl.slide_embeddings({"img": image_only}, features_key="X_feat", tiles=False, progress=False)
     with pytest.raises(ValueError, match="not in the cohort"):
         sp.tl.slide_embeddings({"ok": ok}, features_key="X_feat", labels=pd.DataFrame({"y": [1]}, index=["zz"]))
-    with pytest.raises(ValueError, match="differ in dimension"):
+    with pytest.raises(ValueError, match="different dimensions"):
         sp.tl.slide_embeddings({"ok": ok, "other": _tiled(3, 6, 2)}, features_key="X_feat", progress=False)
     with pytest.raises(TypeError, match="SpadeModel"):
         sp.tl.slide_embeddings({"ok": ok}, model=object(), progress=False)

@@ -173,6 +173,13 @@ def image_pixel_size(
     raise ValueError(msg)
 
 
+def check_same_dimension(dims: Mapping[str, int], features_key: str) -> None:
+    """Features of one key must have one dimension on every slide (``dims``: slide id -> dimension)."""
+    if len(set(dims.values())) > 1:
+        msg = f"obsm[{features_key!r}] has different dimensions across slides: {dict(dims)}."
+        raise ValueError(msg)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # spots: which table, which shapes, which row is which shape; their features
 # --------------------------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from .._sdata import (
     to_pixels_matrix,
 )
 from .._validation import check_int, check_mpp
+from .._version import __version__
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -303,8 +304,6 @@ def _record(
     n_outside: int,
 ) -> dict[str, Any]:
     """The ``uns`` record of the features: the encoder's spec, how the patches were made, the version."""
-    from .. import __version__
-
     return {
         "encoder": enc.spec,
         "mpp": mpp,

@@ -23,6 +23,7 @@ from .._image import (
 )
 from .._sdata import image_pixel_size, resolve_key
 from .._validation import check_fraction, check_int, check_mpp
+from .._version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -388,8 +389,6 @@ def _tiles_table(grid: _Grid, shapes_key: str, params: dict[str, Any]) -> AnnDat
     from anndata import AnnData
     from scipy import sparse
     from spatialdata.models import TableModel
-
-    from .. import __version__
 
     n = len(grid.rows)
     ids = np.arange(n)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Keys
-from .._sdata import as_cohort, features_matrix, resolve_table
+from .._sdata import as_cohort, check_same_dimension, features_matrix, resolve_table
 from .._validation import check_int, check_ints, uns_safe
 from ..model._kmeans import ALL_TISSUES, N_INIT_STEP1, DataExperts, _groups, _kmeans, _n_rows, _step2, two_step_kmeans
 
@@ -85,10 +85,7 @@ def cohort_features(tables: Tables, features_key: str) -> dict[str, np.ndarray]:
         sid: features_matrix(t, features_key, where=f"Slide {sid!r}, table {tkey!r}", hint=hint)
         for sid, (tkey, t) in tables.items()
     }
-    dims = {sid: x.shape[1] for sid, x in feats.items()}
-    if len(set(dims.values())) > 1:
-        msg = f"obsm[{features_key!r}] has different dimensions across slides: {dims}."
-        raise ValueError(msg)
+    check_same_dimension({sid: x.shape[1] for sid, x in feats.items()}, features_key)
     return feats
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import MIL_TASKS, Keys
-from .._sdata import as_cohort
+from .._sdata import as_cohort, check_same_dimension
 from .._validation import check_choice, check_fraction, check_int
 from ..model._mil_model import MILModel
 from ..model._trainer import default_trainer_kwargs, quiet_lightning, torch_state
@@ -465,10 +465,7 @@ def _collect_bags(
         where = f"Slide {name!r}"
         _, tkey = require_tiles(slides[name], image_key=image_key, tiles_key=tiles_key, where=where)
         bags[name] = tile_features(slides[name].tables[tkey], features_key, where=where)
-    dims = {n: b.shape[1] for n, b in bags.items()}
-    if len(set(dims.values())) > 1:
-        msg = f"The tile features {features_key!r} differ in dimension across slides: {dims}."
-        raise ValueError(msg)
+    check_same_dimension({n: b.shape[1] for n, b in bags.items()}, features_key)
     return bags
 
 

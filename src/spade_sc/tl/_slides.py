@@ -20,8 +20,18 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Keys
-from .._sdata import _KINDS, ATTRS_KEY, as_cohort, features_matrix, resolve_key, resolve_table, table_region
+from .._sdata import (
+    _KINDS,
+    ATTRS_KEY,
+    as_cohort,
+    check_same_dimension,
+    features_matrix,
+    resolve_key,
+    resolve_table,
+    table_region,
+)
 from .._validation import uns_safe
+from .._version import __version__
 from ..pp import image_features, tile_tissue
 from ..pp._tiles import tiles_keys
 from ._spade import embed
@@ -247,7 +257,7 @@ def slide_embeddings(
             _check_embeddable(sdata, plan[name], model, enc, features_key, where)
         if dim is not None:
             dims[name] = dim
-    _check_dims(dims, features_key)
+    check_same_dimension(dims, features_key)
 
     tiles_encoder = _tiles_encoder(enc, model, features_key, plan)
     rows: list[dict[str, Any]] = []
@@ -265,7 +275,7 @@ def slide_embeddings(
         rows.append(
             {**slide_info(sdata), "n_tiles": int(x.shape[0]), "image_key": str(image), "tiles_key": step.tiles_key}
         )
-    _check_dims({name: len(v) for name, v in zip(slides, pooled, strict=True)}, features_key)
+    check_same_dimension({name: len(v) for name, v in zip(slides, pooled, strict=True)}, features_key)
 
     params = _params(features_key, model, enc, routing)
     adata = _cohort_table(list(slides), rows, np.stack(pooled).astype(np.float32), label_frame, features_key)
@@ -394,12 +404,6 @@ def _check_key_added(sdata: SpatialData, key_added: str, tiles_table: str, where
         raise ValueError(msg)
 
 
-def _check_dims(dims: Mapping[str, int], features_key: str) -> None:
-    if len(set(dims.values())) > 1:
-        msg = f"The tile features {features_key!r} differ in dimension across slides: {dict(dims)}."
-        raise ValueError(msg)
-
-
 def _tiles_encoder(enc: Any, model: Any, features_key: str, plan: Mapping[str, _Step]) -> Any:
     """The encoder of missing base features: ``enc``, or the model's own when its base features are pooled."""
     if model is None or features_key != model.features_key or not any(s.features for s in plan.values()):
@@ -450,8 +454,6 @@ def _embed_tiles(
 
 def _params(features_key: str, model: Any, enc: Any, routing: str | None) -> dict[str, Any]:
     """``uns[key_added]["params"]``: features key, pooling, version, and the model fingerprint or encoder spec."""
-    from .. import __version__
-
     params: dict[str, Any] = {"features_key": features_key, "pooling": "mean", "spade_sc_version": __version__}
     if model is not None:
         params["model_fingerprint"] = model.fingerprint()
