@@ -6,6 +6,10 @@ P2  peak resident memory of tiling (whole slide) + embedding (first --p2-tiles t
     20,000 and 40,000 px, each in a fresh subprocess (VmHWM, and RSS sampled every 50 ms). Goal < 2 GB and flat
     when the image grows 4x.
 
+P1-TIFF / P2-TIFF (``--source tiff`` or ``both``): the same two measures on a pyramidal tiled TIFF (JPEG tiles, levels
+    4x apart, pixel size in the resolution tags; written once by the benchmark) read through
+    ``spade_sc.io.read_wsi``: no zarr in between. Goals: P1 ratio >= 0.85; P2 < 2 GB and flat for 4x the pixels.
+
 The slides are procedural H&E-like images (a tissue ellipse with nuclei-like texture on glass), rendered chunk by
 chunk with dask and written to zarr with ``SpatialData.write`` (every pyramid level is rendered at its own
 resolution, so writing never holds a whole level in memory). ``spade_sc.datasets.synthetic`` renders ~1 Mpx/s,
@@ -14,6 +18,7 @@ too slow to write 1.6 Gpx within a benchmark run; this renderer is ~100x faster.
     python benchmarks/image_features.py                       # default run (~5-10 min on 2 cores)
     python benchmarks/image_features.py --quick               # small sizes, a minute or two
     python benchmarks/image_features.py --sizes 10000 20000 --p2-tiles 64 --skip-p1
+    python benchmarks/image_features.py --source tiff         # P1 / P2 from TIFFs through spade_sc.io.read_wsi
 """
 
 from __future__ import annotations
@@ -136,6 +141,137 @@ def write_slide(path: Path, size: int, n_spots: int = 0) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# the same slide as a pyramidal TIFF (read through spade_sc.io.read_wsi)
+# ---------------------------------------------------------------------------------------------------------------------
+TIFF_TILE = 512
+
+
+def write_tiff(path: Path, size: int, *, quality: int = 85, seed: int = 0) -> float:
+    """Render the slide tile by tile into a tiled pyramidal TIFF (JPEG, levels 4x apart); returns the seconds taken.
+
+    Every level is rendered at its own resolution and streamed to tifffile tile by tile, so writing never holds a
+    level in memory; the pixel size is in the resolution tags (centimetres), as scanners write it.
+    """
+    import tifffile
+
+    t = time.perf_counter()
+    size_um = size * MPP
+    factors = [1]
+    while size // (factors[-1] * 4) >= 512:
+        factors.append(factors[-1] * 4)
+
+    def tiles(h: int, mpp: float):
+        for y in range(0, h, TIFF_TILE):
+            for x in range(0, h, TIFF_TILE):
+                yield np.moveaxis(_render(y, x, TIFF_TILE, TIFF_TILE, mpp, size_um, seed), 0, -1)
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for k, f in enumerate(factors):
+            h = size // f
+            tw.write(
+                tiles(h, size_um / h),
+                shape=(h, h, 3),
+                dtype=np.uint8,
+                tile=(TIFF_TILE, TIFF_TILE),
+                compression="jpeg",
+                compressionargs={"level": quality},
+                photometric="rgb",
+                resolution=(1e4 / (size_um / h),) * 2,
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if k == 0 else 1,
+                maxworkers=os.cpu_count(),
+            )
+    return time.perf_counter() - t
+
+
+def add_spots(sdata, n_spots: int, size: int, coordinate_system: str, seed: int = 0) -> None:
+    """Spots in the tissue ellipse (as :func:`fast_slide` places them) and their table, added to ``sdata``."""
+    import anndata as ad
+    import geopandas as gpd
+    import pandas as pd
+    from scipy import sparse
+    from shapely.geometry import Point
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    size_um = size * MPP
+    rng = np.random.default_rng(seed)
+    xy = []
+    while len(xy) < n_spots:
+        p = rng.uniform(0, size_um, 2)
+        if ((p[0] - size_um / 2) / (0.4 * size_um)) ** 2 + ((p[1] - size_um / 2) / (0.3 * size_um)) ** 2 < 1:
+            xy.append(p / MPP)
+    xy = np.asarray(xy)
+    circles = gpd.GeoDataFrame({"radius": np.full(n_spots, 27.5 / MPP)}, geometry=[Point(*p) for p in xy])
+    sdata.shapes["spots"] = ShapesModel.parse(circles, transformations={coordinate_system: Identity()})
+    obs = pd.DataFrame({"spot_id": np.arange(n_spots), "region": pd.Categorical(["spots"] * n_spots)})
+    obs.index = obs.index.astype(str)
+    table = ad.AnnData(X=sparse.csr_matrix((n_spots, 1), dtype=np.float32), obs=obs)
+    sdata.tables["table"] = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
+
+
+def _throughput(sdata, enc, batch_size: int, num_workers: int | None, repeats: int) -> dict:
+    """Model-only vs end-to-end ``image_features`` times (triplets back to back), as in :func:`p1`."""
+    import torch
+
+    import spade_sc as sp
+
+    n = len(sdata.tables["table"])
+    x = torch.randint(0, 256, (n, 3, enc.input_size, enc.input_size), dtype=torch.uint8)
+    enc(x[:batch_size])  # warm-up
+
+    def model_only() -> float:
+        t = time.perf_counter()
+        for i in range(0, n, batch_size):
+            enc(x[i : i + batch_size])
+        return time.perf_counter() - t
+
+    def end_to_end(workers: int | None) -> float:
+        t = time.perf_counter()
+        sp.pp.image_features(
+            sdata, encoder=enc, shapes_key="spots", batch_size=batch_size, num_workers=workers, progress=False,
+            inplace=False,
+        )  # fmt: skip
+        return time.perf_counter() - t
+
+    t_model, t_e2e, t_sync = [], [], []
+    for _ in range(repeats):
+        t_model.append(model_only())
+        t_e2e.append(end_to_end(num_workers))
+        t_sync.append(end_to_end(0))
+    ratios = [m / e for m, e in zip(t_model, t_e2e, strict=True)]
+    ratios_sync = [m / e for m, e in zip(t_model, t_sync, strict=True)]
+    return {
+        "n_patches": n,
+        "model_only_patches_per_s": round(n / float(np.median(t_model)), 2),
+        "end_to_end_patches_per_s": round(n / float(np.median(t_e2e)), 2),
+        "end_to_end_no_prefetch_patches_per_s": round(n / float(np.median(t_sync)), 2),
+        "ratio": round(float(np.median(ratios)), 3),
+        "ratio_no_prefetch": round(float(np.median(ratios_sync)), 3),
+        "ratios": [round(r, 3) for r in ratios],
+    }
+
+
+def p1_tiff(
+    workdir: Path, size: int, n_spots: int, batch_size: int, encoder: str, num_workers: int | None, repeats: int
+) -> dict:
+    """P1 on a pyramidal TIFF read through ``spade_sc.io.read_wsi``."""
+    import spade_sc as sp
+    from spade_sc.encoders import get_encoder
+
+    path = workdir / f"p1_{size}.tif"
+    t_write = write_tiff(path, size)
+    sdata = sp.io.read_wsi(path, name="slide")
+    add_spots(sdata, n_spots, size, "slide")
+    enc = get_encoder(encoder)
+    out = {"image_px": size, "file_mb": round(path.stat().st_size / 2**20, 1), "write_s": round(t_write, 1)}
+    out.update({"batch_size": batch_size, "encoder": enc.name, "num_workers": num_workers})
+    out.update(_throughput(sdata, enc, batch_size, num_workers, repeats))
+    path.unlink()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # P1
 # ---------------------------------------------------------------------------------------------------------------------
 def _mean_module():
@@ -255,21 +391,23 @@ def p2_child(path: Path, n_tiles: int, batch_size: int, encoder: str) -> dict:
     sampler = threading.Thread(target=_rss_sampler, args=(stop, peak), daemon=True)
     sampler.start()
     t = time.perf_counter()
-    sdata = spatialdata.read_zarr(path)
-    sp.pp.tile_tissue(sdata, image_key="image")
+    # a TIFF is read through spade_sc.io.read_wsi (lazy pyramid of the file's levels), a zarr store by spatialdata
+    sdata = sp.io.read_wsi(path, name="slide") if path.suffix == ".tif" else spatialdata.read_zarr(path)
+    key = next(iter(sdata.images))
+    sp.pp.tile_tissue(sdata, image_key=key)
     t_tile = time.perf_counter() - t
-    tiles = sdata.shapes["image_tiles"]
-    table = sdata.tables["image_tiles_table"]
+    tiles = sdata.shapes[f"{key}_tiles"]
+    table = sdata.tables[f"{key}_tiles_table"]
     n_all = table.n_obs
     sub_table = table[: min(n_tiles, n_all)].copy()
     sub = SpatialData(
-        images={"image": sdata.images["image"]},
-        shapes={"image_tiles": tiles.loc[sub_table.obs["tile_id"].to_numpy()]},
-        tables={"image_tiles_table": sub_table},
+        images={key: sdata.images[key]},
+        shapes={f"{key}_tiles": tiles.loc[sub_table.obs["tile_id"].to_numpy()]},
+        tables={f"{key}_tiles_table": sub_table},
         attrs=sdata.attrs,
     )
     t = time.perf_counter()
-    sp.pp.image_features(sub, encoder=enc, shapes_key="image_tiles", batch_size=batch_size, progress=False)
+    sp.pp.image_features(sub, encoder=enc, shapes_key=f"{key}_tiles", batch_size=batch_size, progress=False)
     t_embed = time.perf_counter() - t
     stop.set()
     sampler.join()
@@ -285,11 +423,11 @@ def p2_child(path: Path, n_tiles: int, batch_size: int, encoder: str) -> dict:
     }
 
 
-def p2(workdir: Path, sizes: list[int], n_tiles: int, batch_size: int, encoder: str) -> dict:
+def p2(workdir: Path, sizes: list[int], n_tiles: int, batch_size: int, encoder: str, source: str = "zarr") -> dict:
     out = {}
     for size in sizes:
-        path = workdir / f"p2_{size}.zarr"
-        t_write = write_slide(path, size)
+        path = workdir / f"p2_{size}.{'tif' if source == 'tiff' else 'zarr'}"
+        t_write = write_tiff(path, size) if source == "tiff" else write_slide(path, size)
         cmd = [
             sys.executable,
             __file__,
@@ -310,8 +448,12 @@ def p2(workdir: Path, sizes: list[int], n_tiles: int, batch_size: int, encoder: 
         info = json.loads(res.stdout.strip().splitlines()[-1])
         info["write_s"] = round(t_write, 1)
         out[size] = info
-        shutil.rmtree(path, ignore_errors=True)
-        print(f"P2 {size} px: {info}", flush=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            info["file_mb"] = round(path.stat().st_size / 2**20, 1)
+            path.unlink()
+        print(f"P2 ({source}) {size} px: {info}", flush=True)
     peaks = [out[s]["peak_rss_mb"] for s in sizes]
     above = [out[s]["peak_above_before_mb"] for s in sizes]
     return {
@@ -322,6 +464,65 @@ def p2(workdir: Path, sizes: list[int], n_tiles: int, batch_size: int, encoder: 
         "ratio_largest_to_smallest": round(peaks[-1] / peaks[0], 3),
         "pixels_ratio": round((sizes[-1] / sizes[0]) ** 2, 2),
     }
+
+
+def _run_zarr(args: argparse.Namespace, workdir: Path) -> dict:
+    results = {}
+    if not args.skip_p1:
+        r = p1(
+            workdir,
+            args.p1_size,
+            args.p1_spots,
+            args.batch_size,
+            args.p1_encoder,
+            args.num_workers,
+            args.p1_repeats,
+        )
+        results["P1"] = r
+        print(f"P1 {r}", flush=True)
+        print(
+            f"P1 ratio end-to-end / model-only throughput: {r['ratio']:.3f} (goal >= 0.85; "
+            f"without prefetching: {r['ratio_no_prefetch']:.3f}); reader alone / model alone throughput: "
+            f"{r['reader_only_patches_per_s'] / r['model_only_patches_per_s']:.1f}",
+            flush=True,
+        )
+    if not args.skip_p2:
+        r = p2(workdir, args.sizes, args.p2_tiles, args.batch_size, args.p2_encoder)
+        results["P2"] = r
+        print(
+            f"P2 peak RSS (MB) at {args.sizes} px: {r['peak_rss_mb']}; ratio largest/smallest "
+            f"{r['ratio_largest_to_smallest']:.3f} for {r['pixels_ratio']}x the pixels (goal < 2048 MB, flat); "
+            f"above the RSS after imports + encoder: {r['peak_above_before_mb']} MB (ratio "
+            f"{r['ratio_above_before']:.3f})",
+            flush=True,
+        )
+    return results
+
+
+def _run_tiff(args: argparse.Namespace, workdir: Path) -> dict:
+    results = {}
+    if not args.skip_p1:
+        r = p1_tiff(
+            workdir, args.p1_size, args.p1_spots, args.batch_size, args.p1_encoder, args.num_workers, args.p1_repeats
+        )
+        results["P1_tiff"] = r
+        print(f"P1-TIFF {r}", flush=True)
+        print(
+            f"P1-TIFF ratio end-to-end from the TIFF / model-only throughput: {r['ratio']:.3f} (goal >= 0.85; "
+            f"without prefetching: {r['ratio_no_prefetch']:.3f})",
+            flush=True,
+        )
+    if not args.skip_p2:
+        r = p2(workdir, args.sizes, args.p2_tiles, args.batch_size, args.p2_encoder, source="tiff")
+        results["P2_tiff"] = r
+        print(
+            f"P2-TIFF peak RSS (MB) at {args.sizes} px: {r['peak_rss_mb']}; ratio largest/smallest "
+            f"{r['ratio_largest_to_smallest']:.3f} for {r['pixels_ratio']}x the pixels (goal < 2048 MB, flat); "
+            f"above the RSS after imports + encoder: {r['peak_above_before_mb']} MB (ratio "
+            f"{r['ratio_above_before']:.3f})",
+            flush=True,
+        )
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -337,6 +538,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--p2-encoder", default="mobilenetv3_small_050")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=None, help="where the zarr stores go (default: a temp dir)")
+    ap.add_argument(
+        "--source",
+        choices=("zarr", "tiff", "both"),
+        default="zarr",
+        help="slides written to zarr (read by spatialdata), to pyramidal TIFF (read by spade_sc.io.read_wsi), or both",
+    )
     ap.add_argument("--skip-p1", action="store_true")
     ap.add_argument("--skip-p2", action="store_true")
     ap.add_argument(
@@ -365,34 +572,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cpus: {os.cpu_count()}, workdir: {workdir}", flush=True)
     results = {}
     try:
-        if not args.skip_p1:
-            r = p1(
-                workdir,
-                args.p1_size,
-                args.p1_spots,
-                args.batch_size,
-                args.p1_encoder,
-                args.num_workers,
-                args.p1_repeats,
-            )
-            results["P1"] = r
-            print(f"P1 {r}", flush=True)
-            print(
-                f"P1 ratio end-to-end / model-only throughput: {r['ratio']:.3f} (goal >= 0.85; "
-                f"without prefetching: {r['ratio_no_prefetch']:.3f}); reader alone / model alone throughput: "
-                f"{r['reader_only_patches_per_s'] / r['model_only_patches_per_s']:.1f}",
-                flush=True,
-            )
-        if not args.skip_p2:
-            r = p2(workdir, args.sizes, args.p2_tiles, args.batch_size, args.p2_encoder)
-            results["P2"] = r
-            print(
-                f"P2 peak RSS (MB) at {args.sizes} px: {r['peak_rss_mb']}; ratio largest/smallest "
-                f"{r['ratio_largest_to_smallest']:.3f} for {r['pixels_ratio']}x the pixels (goal < 2048 MB, flat); "
-                f"above the RSS after imports + encoder: {r['peak_above_before_mb']} MB (ratio "
-                f"{r['ratio_above_before']:.3f})",
-                flush=True,
-            )
+        sources = ("zarr", "tiff") if args.source == "both" else (args.source,)
+        if "zarr" in sources:
+            results.update(_run_zarr(args, workdir))
+        if "tiff" in sources:
+            results.update(_run_tiff(args, workdir))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -169,7 +169,8 @@ def test_default_encoder_is_not_random_init(lite0, lite0_classifier):
 
 def test_load_by_position_checks_shapes_and_count(tmp_path, monkeypatch):
     """The packaged weights load into timm's architecture by position; any shape or count mismatch is refused."""
-    state = torch.load(packaged_lite0_path(), map_location="cpu", weights_only=True)
+    packaged = packaged_lite0_path()
+    state = torch.load(packaged, map_location="cpu", weights_only=True)
     classifier = ("_fc.weight", "_fc.bias")  # the package's ImageNet classifier, dropped by name
     keys = [k for k in state if k not in classifier]
     swapped = dict(state)
@@ -183,7 +184,7 @@ def test_load_by_position_checks_shapes_and_count(tmp_path, monkeypatch):
     use_packaged_file(monkeypatch, tmp_path / "kept.pth")
     with pytest.raises(ValueError, match="296 tensors"):
         get_encoder(device="cpu")
-    use_packaged_file(monkeypatch, packaged_lite0_path())
+    use_packaged_file(monkeypatch, packaged)
     model = get_encoder(device="cpu").model
     torch.testing.assert_close(model.bn2.running_var, state["_bn1.running_var"], rtol=0, atol=0)
 

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from . import datasets, pl, pp, tl
-
-try:
-    __version__ = version("spade_sc")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+from . import datasets, io, pl, pp, tl
+from ._version import __version__ as __version__
 
 #: Subpackages that import torch: reached as ``spade_sc.encoders`` / ``spade_sc.model`` on first use (PEP 562).
 _LAZY = ("encoders", "model")
 
-__all__ = ["datasets", "encoders", "model", "pl", "pp", "tl"]
+__all__ = ["datasets", "encoders", "io", "model", "pl", "pp", "tl"]
 
 
 def __getattr__(name: str) -> Any:

@@ -28,6 +28,10 @@ class Keys:
     MICRONS_PER_UNIT = "microns_per_unit"
     #: ``sdata.attrs["spade_sc"]`` entry: slide-level labels (e.g. the tissue of a slide).
     SLIDE = "slide"
+    #: ``sdata.attrs["spade_sc"]`` entry: the record of a slide file read by :func:`spade_sc.io.read_wsi`.
+    WSI = "wsi"
+    #: ``sdata.attrs["spade_sc"]`` entry: the HEST-1k metadata of a sample read by :func:`spade_sc.io.read_hest`.
+    HEST = "hest"
     #: ``obsm``: the SPADE embedding.
     SPADE = "X_spade"
     #: ``obs``: the data expert of each spot or tile (categorical).

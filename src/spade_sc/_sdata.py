@@ -28,6 +28,8 @@ logger = logging.getLogger("spade_sc")
 
 ATTRS_KEY = Keys.ATTRS
 MPU_KEY = Keys.MICRONS_PER_UNIT
+#: ``attrs`` entry where wsidata (LazySlide) keeps the properties of its slide (``mpp``: level-0 pixel size).
+WSIDATA_PROPERTIES = "slide_properties"
 _KINDS = ("images", "shapes", "tables", "labels", "points")
 
 
@@ -111,6 +113,19 @@ def microns_per_unit(sdata: SpatialData, coordinate_system: str) -> float | None
     return None if value is None else float(value)
 
 
+def element(sdata: SpatialData, key: str) -> Any:
+    """The image, shapes, labels or points element ``key``, looked up by kind.
+
+    Objects built on SpatialData, such as wsidata's ``WSIData``, may hide elements from ``sdata[key]``.
+    """
+    for kind in ("images", "shapes", "labels", "points"):
+        elements = getattr(sdata, kind)
+        if key in elements:
+            return elements[key]
+    msg = f"{key!r} is not an element of this SpatialData."
+    raise KeyError(msg)
+
+
 def element_coordinate_systems(element: Any) -> list[str]:
     """Coordinate systems an element is registered in."""
     from spatialdata.transformations import get_transformation
@@ -120,7 +135,7 @@ def element_coordinate_systems(element: Any) -> list[str]:
 
 def shared_coordinate_system(sdata: SpatialData, *keys: str) -> str:
     """A coordinate system shared by all elements ``keys``; one with a recorded pixel size first."""
-    sets = [element_coordinate_systems(sdata[k]) for k in keys]
+    sets = [element_coordinate_systems(element(sdata, k)) for k in keys]
     shared = [cs for cs in sets[0] if all(cs in s for s in sets[1:])]
     if not shared:
         msg = f"The elements {list(keys)} share no coordinate system (theirs: {dict(zip(keys, sets, strict=True))})."
@@ -140,8 +155,8 @@ def _xy_affine(element: Any, coordinate_system: str) -> np.ndarray:
 
 def to_pixels_matrix(sdata: SpatialData, element_key: str, image_key: str, coordinate_system: str) -> np.ndarray:
     """3x3 affine matrix mapping ``element_key``'s intrinsic (x, y) to the level-0 pixels of ``image_key``."""
-    el = _xy_affine(sdata[element_key], coordinate_system)
-    im = _xy_affine(sdata[image_key], coordinate_system)
+    el = _xy_affine(element(sdata, element_key), coordinate_system)
+    im = _xy_affine(element(sdata, image_key), coordinate_system)
     return np.linalg.inv(im) @ el
 
 
@@ -158,13 +173,20 @@ def image_pixel_size(
             msg = f"image_mpp must be positive, got {image_mpp!r}."
             raise ValueError(msg)
         return float(image_mpp)
-    systems = [coordinate_system] if coordinate_system else element_coordinate_systems(sdata[image_key])
+    image = element(sdata, image_key)
+    systems = [coordinate_system] if coordinate_system else element_coordinate_systems(image)
     for cs in systems:
         mpu = microns_per_unit(sdata, cs)
         if mpu is None:
             continue
-        m = _xy_affine(sdata[image_key], cs)
+        m = _xy_affine(image, cs)
         return mpu * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
+    # wsidata (LazySlide) records the level-0 pixel size of its slide, whose units are those of "global"
+    props = sdata.attrs.get(WSIDATA_PROPERTIES)
+    wsi_mpp = props.get("mpp") if isinstance(props, Mapping) else getattr(props, "mpp", None)
+    if wsi_mpp and "global" in element_coordinate_systems(image):
+        m = _xy_affine(image, "global")
+        return float(wsi_mpp) * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
     msg = (
         f"The pixel size of image {image_key!r} is unknown: no size is recorded for its coordinate systems "
         f"{systems} in sdata.attrs['{ATTRS_KEY}']['{MPU_KEY}']. Pass image_mpp= or call "
