@@ -264,7 +264,7 @@ def features_matrix(
         raise ValueError(msg)
     bad = ~np.isfinite(x).all(1)
     if bad.any():
-        msg = f"{where}: obsm[{key!r}] holds NaN or infinite values in {int(bad.sum())} of {len(x)} rows."
+        msg = f"{where}: obsm[{key!r}] holds NaN or infinite values in {int(bad.sum())} row(s) of {len(x)}."
         raise ValueError(msg)
     return x
 
