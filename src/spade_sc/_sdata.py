@@ -245,12 +245,19 @@ def resolve_spots(sdata: SpatialData, table_key: str | None = None, shapes_key: 
 
 
 def features_matrix(
-    table: AnnData, key: str, *, where: str, dim: int | None = None, expected: str = "", hint: str = ""
+    table: AnnData,
+    key: str,
+    *,
+    where: str,
+    dim: int | None = None,
+    expected: str = "",
+    hint: str = "",
+    finite: bool = True,
 ) -> np.ndarray:
     """The (n, d) float32 features ``table.obsm[key]``, checked: present, 2-D and non-empty, ``dim`` wide, finite.
 
     ``where`` starts every message (the slide and table); ``expected`` says where ``dim`` comes from; ``hint`` says
-    how to compute missing features.
+    how to compute missing features; ``finite=False`` leaves the values to :func:`check_finite`.
     """
     if key not in table.obsm:
         msg = f"{where}: obsm[{key!r}] is missing (present: {sorted(table.obsm)}).{' ' + hint if hint else ''}"
@@ -262,6 +269,11 @@ def features_matrix(
     if dim is not None and x.shape[1] != dim:
         msg = f"{where}: obsm[{key!r}] has shape {x.shape}, but {expected or 'the caller'} takes {dim}-d features."
         raise ValueError(msg)
+    return check_finite(x, key, where=where) if finite else x
+
+
+def check_finite(x: np.ndarray, key: str, *, where: str) -> np.ndarray:
+    """``x`` (the features ``obsm[key]``) after checking that every value is finite."""
     bad = ~np.isfinite(x).all(1)
     if bad.any():
         msg = f"{where}: obsm[{key!r}] holds NaN or infinite values in {int(bad.sum())} row(s) of {len(x)}."

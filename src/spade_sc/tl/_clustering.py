@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Keys
-from .._sdata import as_cohort, check_same_dimension, features_matrix, resolve_table
+from .._sdata import as_cohort, check_finite, check_same_dimension, features_matrix, resolve_table
 from .._validation import check_int, check_ints, uns_safe
 from ..model._kmeans import ALL_TISSUES, N_INIT_STEP1, DataExperts, _groups, _kmeans, _n_rows, _step2, two_step_kmeans
 
@@ -81,12 +81,13 @@ def _slide_tissues(tables: Tables, slides: Mapping[str, SpatialData], tissue_key
 def cohort_features(tables: Tables, features_key: str) -> dict[str, np.ndarray]:
     """The checked features ``obsm[features_key]`` of every table, of one dimension across slides."""
     hint = "Compute features first (spade_sc.pp.image_features)."
+    where = {sid: f"Slide {sid!r}, table {tkey!r}" for sid, (tkey, _) in tables.items()}
     feats = {
-        sid: features_matrix(t, features_key, where=f"Slide {sid!r}, table {tkey!r}", hint=hint)
-        for sid, (tkey, t) in tables.items()
+        sid: features_matrix(t, features_key, where=where[sid], hint=hint, finite=False)
+        for sid, (_, t) in tables.items()
     }
     check_same_dimension({sid: x.shape[1] for sid, x in feats.items()}, features_key)
-    return feats
+    return {sid: check_finite(x, features_key, where=where[sid]) for sid, x in feats.items()}
 
 
 def experts_of_tables(
