@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._validation import json_safe
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: The files of a model folder.
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+#: Records ``spade-sc fit`` keeps beside the model files (a folder holding them is still a model folder).
+RUN_FILES = ("run.json", "spade-sc.log", "failures.csv")
 
 
 def versions() -> dict[str, str]:
@@ -26,21 +31,63 @@ def versions() -> dict[str, str]:
     return out
 
 
+def check_model_folder(path: str | Path) -> None:
+    """Refuse to replace ``path`` unless it is a model folder: only a model's files and the run records beside them.
+
+    A model folder holds ``config.json`` and ``model.safetensors``, and may hold the records that ``spade-sc fit``
+    keeps with the model (:data:`RUN_FILES`); an empty folder, or one holding only those records, may be replaced
+    too. Anything else (a file, a folder
+    holding other files or subfolders) is a :class:`FileExistsError` naming what is there.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        msg = f"{path} exists and is not a folder; refusing to replace it with a model folder."
+        raise FileExistsError(msg)
+    names = sorted(p.name for p in path.iterdir())
+    foreign = [n for n in names if n not in (*MODEL_FILES, *RUN_FILES)]
+    if foreign:
+        msg = (
+            f"{path} holds files that are not a model's ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); refusing to delete it. Choose another folder."
+        )
+        raise FileExistsError(msg)
+    if any(n in MODEL_FILES for n in names) and CONFIG_FILE not in names:
+        msg = f"{path} is not a model folder (no {CONFIG_FILE}); refusing to replace it."
+        raise FileExistsError(msg)
+
+
 def write_model_folder(
-    path: str | Path, tensors: Mapping[str, Any], config: Mapping[str, Any], *, overwrite: bool
+    path: str | Path,
+    tensors: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    overwrite: bool,
+    extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
-    """Write ``tensors`` (torch tensors) and ``config`` (JSON-safe) into the folder ``path``."""
+    """Write ``tensors`` (torch tensors) and ``config`` (JSON-safe) into the folder ``path``, atomically.
+
+    The folder is built under a temporary name beside ``path`` and swapped into place when complete, so a kill
+    leaves the old folder or the new one. With ``overwrite``, an existing ``path`` is replaced only when it is a
+    model folder (see :func:`check_model_folder`). ``extra_files`` (``{name: text or bytes}``, names among
+    :data:`RUN_FILES`) are written beside the model files.
+    """
     from safetensors.torch import save_file
 
+    from .._atomic import atomic_path
+
+    unknown = sorted(set(extra_files or {}) - set(RUN_FILES))
+    if unknown:
+        msg = f"extra_files {unknown} are not among the run records {RUN_FILES}."
+        raise ValueError(msg)
     path = Path(path)
-    if path.exists():
-        if not overwrite:
-            msg = f"{path} exists; pass overwrite=True to replace it."
-            raise FileExistsError(msg)
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    save_file(dict(tensors), str(path / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-    (path / CONFIG_FILE).write_text(json.dumps(dict(config), indent=1))
+    with atomic_path(path, overwrite=overwrite, check=check_model_folder) as tmp:
+        tmp.mkdir()
+        save_file(dict(tensors), str(tmp / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+        # json_safe: records read back from zarr (e.g. an encoder spec in uns) hold numpy arrays
+        (tmp / CONFIG_FILE).write_text(json.dumps(json_safe(dict(config)), indent=1))
+        for name, data in (extra_files or {}).items():
+            target = tmp / name
+            target.write_bytes(data) if isinstance(data, bytes) else target.write_text(data)
     return path
 
 

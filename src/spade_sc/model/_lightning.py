@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
@@ -17,10 +18,12 @@ from ._experts import BatchedExperts
 from ._losses import make_loss
 from ._mil import discrete_time_nll
 from ._sampler import ExpertBatchSampler
+from ._trainer import flatten_state, rng_state, set_rng_state, unflatten_state, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EpochCheckpoint",
     "MILLightningModule",
     "PairsDataModule",
     "PairsDataset",
@@ -443,6 +446,14 @@ class SpadeLightningModule(L.LightningModule):
         self._best_state = None
         logger.info("Restored the weights of epoch %s (val_loss %.4f).", self.best_epoch, self.best_val_loss)
 
+    def best_state(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The weights of the best validation epoch so far (``{"experts": ..., "loss_fn": ...}``), or None."""
+        return self._best_state
+
+    def set_best_state(self, state: Mapping[str, Mapping[str, torch.Tensor]] | None) -> None:
+        """Put back the best-epoch weights of a checkpoint (restored into the modules at the end of fitting)."""
+        self._best_state = None if state is None else {n: dict(s) for n, s in state.items()}
+
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with cosine annealing over ``max_epochs`` (stepped per epoch).
 
@@ -459,6 +470,102 @@ class SpadeLightningModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoint at the end of every epoch, and resume
+# --------------------------------------------------------------------------------------------------------------------
+class EpochCheckpoint(Checkpoint):
+    """Write the whole training state at the end of every epoch; restore it to continue a killed training exactly.
+
+    The checkpoint (``<folder>/last/``: ``checkpoint.safetensors`` + ``checkpoint.json``, no pickle, swapped into
+    place atomically) holds the module's weights and buffers (history, best epoch and loss), the best-epoch weights,
+    the optimizer and scheduler states, the early-stopping state, ``trainer.should_stop``, the number of epochs done,
+    and every random state (Python, numpy, torch CPU and CUDA: dropout draws from torch's). The batches of epoch
+    ``e`` are drawn by :class:`ExpertBatchSampler` from ``seed + e`` alone, so the sampler needs no state.
+
+    It is written in ``on_train_epoch_end`` after the module's own hook, after validation, early stopping and the
+    epoch's scheduler step (Lightning runs :class:`~lightning.pytorch.callbacks.Checkpoint` callbacks last).
+    Resuming (``state`` given) puts everything back in ``on_train_start``, sets the loop to the next epoch, and
+    restores the random states at the start of that epoch, before its data loader draws from them: the resumed run
+    then takes the same steps with the same numbers as the uninterrupted one.
+    Only rank 0 writes; every process of a DDP run restores the same state.
+
+    Parameters
+    ----------
+    folder
+        The checkpoint folder.
+    signature
+        What the training is (model configuration, settings, a hash of every group's data), stored to refuse
+        resuming another training.
+    state
+        ``(tensors, record)`` of the checkpoint to resume from, or None.
+    """
+
+    def __init__(
+        self, folder: str, signature: Mapping[str, Any], state: tuple[dict[str, Any], dict[str, Any]] | None = None
+    ) -> None:
+        super().__init__()
+        self.folder = str(folder)
+        self.signature = dict(signature)
+        self._resume = state
+        self._rng: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Restore the checkpoint's state (when resuming)."""
+        if self._resume is None:
+            return
+        tensors, record = self._resume
+        self._resume = None
+        device = pl_module.device
+        module = {k.split(".", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith("module.")}
+        pl_module.loss_history = torch.empty_like(module["loss_history"])
+        pl_module.load_state_dict(module, strict=True)
+        pl_module.set_best_state(unflatten_state(record["best_state"], tensors))
+        trainer.optimizers[0].load_state_dict(unflatten_state(record["optimizer"], tensors))
+        for config, state in zip(trainer.lr_scheduler_configs, record["schedulers"], strict=True):
+            config.scheduler.load_state_dict(unflatten_state(state, tensors))
+        stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
+        for cb, state in zip(stoppers, record["early_stopping"], strict=True):
+            cb.load_state_dict(unflatten_state(state, tensors))
+        trainer.should_stop = bool(record["should_stop"])
+        done = int(record["epochs_done"])
+        progress = trainer.fit_loop.epoch_progress
+        for tracker in (progress.current, progress.total):
+            tracker.ready = tracker.started = tracker.processed = tracker.completed = done
+        steps = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+        steps.ready = steps.completed = int(record["global_step"])
+        self._rng = unflatten_state(record["rng"], tensors)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Restore the random states at the start of the first resumed epoch."""
+        if self._rng is not None:
+            set_rng_state(self._rng)
+            self._rng = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the checkpoint of the epoch that just ended (rank 0)."""
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        tensors: dict[str, Any] = {}
+        for k, v in pl_module.state_dict().items():
+            tensors[f"module.{k}"] = v.detach().cpu().contiguous().clone()
+        stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
+        best = pl_module.best_state() if hasattr(pl_module, "best_state") else None
+        record = {
+            "epochs_done": int(trainer.current_epoch) + 1,
+            "global_step": int(trainer.global_step),
+            "should_stop": bool(trainer.should_stop),
+            "best_state": flatten_state(best, "best", tensors),
+            "optimizer": flatten_state(trainer.optimizers[0].state_dict(), "optimizer", tensors),
+            "schedulers": [
+                flatten_state(c.scheduler.state_dict(), "scheduler", tensors) for c in trainer.lr_scheduler_configs
+            ],
+            "early_stopping": [flatten_state(cb.state_dict(), "early_stopping", tensors) for cb in stoppers],
+            "rng": flatten_state(rng_state(), "rng", tensors),
+            "signature": self.signature,
+        }
+        write_checkpoint(self.folder, tensors, record)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -214,7 +214,10 @@ class MILModel:
         path
             The folder.
         overwrite
-            Replace an existing folder.
+            Replace an existing model folder. Only a folder holding a model's files (``config.json``,
+            ``model.safetensors`` and the records ``spade-sc fit`` keeps beside them) is replaced; a folder holding
+            anything else is refused (:class:`FileExistsError`). The folder is written under a temporary name and
+            swapped into place when complete: a kill leaves the old model or the new one.
 
         Returns
         -------

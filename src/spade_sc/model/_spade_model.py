@@ -7,6 +7,7 @@ write SpatialData around it. Its torch modules are imported inside the methods, 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,8 @@ class SpadeModel:
         trainer_kwargs: Mapping[str, Any] | None = None,
         progress: bool = True,
         experts_per_step: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
     ) -> SpadeModel:
         """Train the experts contrastively (negatives only within each expert); keep the weights of the best epoch.
 
@@ -171,6 +174,16 @@ class SpadeModel:
         experts_per_step
             Single-expert batches (of distinct experts) per optimiser step, each expert's loss computed within its
             own rows; None: all experts in each step (one batched step trains them all), 1: one expert per step.
+        checkpoint_dir
+            Write a checkpoint at the end of every epoch into this folder (``last/checkpoint.safetensors`` +
+            ``last/checkpoint.json``, no pickle, replaced atomically): weights, optimizer and scheduler states, the
+            epoch, the best-epoch weights and validation loss, the early-stopping counter and every random state.
+            A folder that already holds a checkpoint is refused unless ``resume``.
+        resume
+            Continue from the checkpoint in ``checkpoint_dir`` (start afresh when there is none). A checkpoint of
+            another model configuration, other settings or other pairs is refused, naming the difference. A run
+            killed and resumed ends with bitwise the same weights as an uninterrupted one (same seed, device and
+            torch thread count).
 
         Returns
         -------
@@ -208,8 +221,18 @@ class SpadeModel:
         callbacks: list[Any] = []
         if early_stopping_patience is not None and val_ds is not None:
             callbacks.append(L.pytorch.callbacks.EarlyStopping("val_loss", patience=int(early_stopping_patience)))
+        if checkpoint_dir is not None:
+            settings = {"max_epochs": int(max_epochs), "batch_size": int(batch_size), "lr": float(lr)}
+            settings.update(weight_decay=float(weight_decay), experts_per_step=experts_per_step)
+            settings.update(early_stopping_patience=early_stopping_patience, validation=validation)
+            callbacks.append(self._checkpoint_callback(checkpoint_dir, resume, pairs, settings))
+        elif resume:
+            msg = "resume=True needs checkpoint_dir."
+            raise ValueError(msg)
         kwargs = default_trainer_kwargs(max_epochs, progress, trainer_kwargs)
         kwargs["callbacks"] = [*callbacks, *list(kwargs.get("callbacks", []) or [])]
+        if checkpoint_dir is not None:  # a Checkpoint callback needs it (Lightning then adds no checkpoint of its own)
+            kwargs["enable_checkpointing"] = True
         # Lightning announces devices and tips at INFO level at every fit: kept out of the user's log, progress or not
         with quiet_lightning(True), torch_state():
             trainer = L.Trainer(**kwargs)
@@ -237,6 +260,33 @@ class SpadeModel:
         }
         self.is_trained_ = True
         return self
+
+    def _checkpoint_callback(
+        self,
+        checkpoint_dir: str | Path,
+        resume: bool,
+        pairs: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+        settings: Mapping[str, Any],
+    ) -> Any:
+        """The Lightning callback writing a checkpoint every epoch, loaded with the checkpoint to resume from."""
+        from ._lightning import EpochCheckpoint
+        from ._trainer import load_resume_state
+
+        data = {}
+        for group, arrays in pairs.items():
+            h = hashlib.sha256()
+            for a in arrays:
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype}{a.shape}".encode())
+                h.update(a.tobytes())
+            data[str(group)] = h.hexdigest()
+        model = {**self.init_params_, "genes": hashlib.sha256("\n".join(self.genes).encode()).hexdigest()}
+        model["experts"] = self.fingerprint_of({f"data_experts.{k}": v for k, v in self.experts.arrays().items()})
+        model["initial_weights"] = self.fingerprint()
+        signature = json.loads(json.dumps({"model": model, "training": dict(settings), "data": data}, default=str))
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        state = load_resume_state(checkpoint_dir, signature, resume=resume)
+        return EpochCheckpoint(str(checkpoint_dir), signature, state)
 
     # ------------------------------------------------------------------ inference
     def routing_weights(self, features: np.ndarray, routing: str | None = None) -> np.ndarray:
@@ -309,11 +359,17 @@ class SpadeModel:
 
     def fingerprint(self) -> str:
         """SHA-256 over every tensor of the model (names, shapes, bytes): identical weights, identical print."""
+        return self.fingerprint_of(self.state_tensors())
+
+    @staticmethod
+    def fingerprint_of(tensors: Mapping[str, Any]) -> str:
+        """SHA-256 over named tensors or arrays (names, shapes, bytes)."""
         h = hashlib.sha256()
-        for name, t in sorted(self.state_tensors().items()):
+        for name, t in sorted(tensors.items()):
+            a = np.ascontiguousarray(t.numpy() if hasattr(t, "numpy") else t)
             h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
+            h.update(str(tuple(a.shape)).encode())
+            h.update(a.tobytes())
         return h.hexdigest()
 
     def config(self) -> dict[str, Any]:
@@ -340,7 +396,10 @@ class SpadeModel:
         path
             The folder.
         overwrite
-            Replace an existing folder.
+            Replace an existing model folder. Only a folder holding a model's files (``config.json``,
+            ``model.safetensors`` and the records ``spade-sc fit`` keeps beside them) is replaced; a folder holding
+            anything else is refused (:class:`FileExistsError`). The folder is written under a temporary name and
+            swapped into place when complete: a kill leaves the old model or the new one.
 
         Returns
         -------

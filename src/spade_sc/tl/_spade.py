@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,7 +19,7 @@ import pandas as pd
 
 from .._constants import GENE_INPUTS, LOSSES, ROUTINGS, Keys
 from .._sdata import Spots, as_cohort, features_matrix, resolve_spots
-from .._validation import check_choice, check_fraction, check_int
+from .._validation import check_choice, check_fraction, check_int, json_safe
 from ..model._files import versions
 from ..model._spade_model import SpadeModel
 from ..pp import gene_matrix, image_features
@@ -145,7 +146,7 @@ def _features_everywhere(
     for s in spots.values():
         params = s.table.uns.get(features_key, {})
         if isinstance(params, Mapping) and "encoder" in params:
-            return features_key, dict(params["encoder"])
+            return features_key, json_safe(dict(params["encoder"]))
     return features_key, None if enc is None else enc.spec
 
 
@@ -268,6 +269,8 @@ def fit(
     progress: bool = True,
     experts_per_step: int | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> SpadeModel:
     """Fit SPADE on one slide or a cohort: features, gene panel, data experts, contrastive training, embedding.
 
@@ -338,6 +341,15 @@ def fit(
     model_kwargs
         Sizes of the heads, passed to :class:`~spade_sc.model.SpadeModel`: ``proj_dim`` (embedding dimension,
         default 256) and ``dropout`` (inside each head, default 0.1).
+    checkpoint_dir
+        Folder of a training checkpoint written at the end of every epoch (safetensors + JSON, no pickle, replaced
+        atomically; see :meth:`spade_sc.model.SpadeModel.train`). A folder already holding one is refused unless
+        ``resume``.
+    resume
+        Continue the training from the checkpoint in ``checkpoint_dir`` (from epoch 0 when there is none yet). The
+        features, panel and experts are recomputed (deterministic for a seed); a checkpoint of another model
+        configuration, other settings or other slides is refused, naming the difference. A killed and resumed fit
+        ends with bitwise the same weights as an uninterrupted one (same seed, device and torch thread count).
 
     Returns
     -------
@@ -404,6 +416,8 @@ def fit(
         trainer_kwargs=trainer_kwargs,
         progress=progress,
         experts_per_step=experts_per_step,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
     )
     model.train_params_["n_experts_auto"] = n_experts == "auto"
     model.train_params_["tissue_key"] = tissue_key
