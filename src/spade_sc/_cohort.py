@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ import pandas as pd
 from ._atomic import remove_stale, write_sdata_atomic, write_text_atomic
 from ._constants import Keys
 from ._validation import json_safe
+from .model._files import versions as model_versions
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -263,15 +263,7 @@ def output_record(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries a run depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("spade_sc", "torch", "lightning", "spatialdata", "anndata", "dask", "distributed", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
+    return model_versions("anndata", "dask", "distributed")
 
 
 # --------------------------------------------------------------------------------------------------------------------

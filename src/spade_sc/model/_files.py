@@ -18,12 +18,16 @@ MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 RUN_FILES = ("run.json", "spade-sc.log", "failures.csv")
 
 
-def versions() -> dict[str, str]:
-    """Versions of spade_sc and the libraries a model depends on (recorded next to results and in model files)."""
+def versions(*extra: str) -> dict[str, str]:
+    """Versions of Python, spade_sc and the libraries a model depends on, plus the packages ``extra``.
+
+    Recorded next to results, in model files and in the records of cohort runs.
+    """
+    import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for pkg in ("spade_sc", "torch", "timm", "lightning", "scanpy", "spatialdata", "scikit-learn", "numpy"):
+    out = {"python": platform.python_version()}
+    for pkg in ("spade_sc", "torch", "timm", "lightning", "scanpy", "spatialdata", "scikit-learn", "numpy", *extra):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:  # pragma: no cover
