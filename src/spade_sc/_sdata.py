@@ -11,6 +11,7 @@ data call :func:`spade_sc.pp.set_pixel_size`.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ MPU_KEY = Keys.MICRONS_PER_UNIT
 #: ``attrs`` entry where wsidata (LazySlide) keeps the properties of its slide (``mpp``: level-0 pixel size).
 WSIDATA_PROPERTIES = "slide_properties"
 _KINDS = ("images", "shapes", "tables", "labels", "points")
+#: The argument naming an element of each kind, in messages.
+_KEY_ARGS = {
+    "images": "image_key",
+    "shapes": "shapes_key",
+    "tables": "table_key",
+    "labels": "labels_key",
+    "points": "points_key",
+}
 
 
 def resolve_key(sdata: SpatialData, kind: str, key: str | None, *, what: str | None = None) -> str:
@@ -39,7 +48,7 @@ def resolve_key(sdata: SpatialData, kind: str, key: str | None, *, what: str | N
         msg = f"Unknown element kind {kind!r}; expected one of {_KINDS}."
         raise ValueError(msg)
     elements = getattr(sdata, kind)
-    arg = what or f"{kind.rstrip('s')}_key"
+    arg = what or _KEY_ARGS[kind]
     if key is not None:
         if key not in elements:
             msg = f"{arg}={key!r} is not among the {kind} of this SpatialData: {sorted(elements)}."
@@ -350,3 +359,70 @@ def as_cohort(cohort: SpatialData | Mapping[str, SpatialData] | Sequence[Spatial
             msg = f"Cohort entry {name!r} is a {type(s).__name__}, not a SpatialData."
             raise TypeError(msg)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# cohorts all-or-nothing: cheap checks first, computations into a working copy, written at the end
+# --------------------------------------------------------------------------------------------------------------------
+def check_patch_source(spots: Spots, name: str, *, image_key: str | None = None, image_mpp: float | None = None) -> str:
+    """The image the patches of ``spots`` come from, after the cheap checks of :func:`spade_sc.pp.image_features`.
+
+    Run on every slide of a cohort before features are computed on any: the image exists (or is the only one), is
+    RGB(A) of a known dtype, has a pixel size, and shares a coordinate system with the spots; the spots are not
+    empty. Nothing is read but a small sample of float images. Errors name the slide ``name``.
+    """
+    from ._image import image_levels, rgb_channels, value_scale
+    from ._validation import named_errors
+
+    with named_errors(name):
+        key = resolve_key(spots.sdata, "images", image_key, what="image_key")
+        if len(spots.shapes) == 0:
+            msg = f"Slide {name!r}: the shapes element {spots.shapes_key!r} is empty."
+            raise ValueError(msg)
+        levels = image_levels(spots.sdata.images[key])
+        rgb_channels(levels[0], key)
+        value_scale(levels, key)
+        image_pixel_size(spots.sdata, key, image_mpp=image_mpp)
+        shared_coordinate_system(spots.sdata, key, spots.shapes_key)
+    return key
+
+
+def staged(spots: Spots) -> Spots:
+    """A working copy of a slide's spots, for computations that must not touch the slide until a cohort is done.
+
+    The copy is a new SpatialData sharing the slide's images and the spots' shapes (never changed by the
+    computations), with a light copy of the table: ``obs`` copied, ``obsm`` and ``uns`` new dicts holding the same
+    values, no ``X``. Compute into it (``image_features``, ``embed``), then :func:`commit` what it gained into the
+    slide, once every slide of the cohort has succeeded.
+    """
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    table = spots.table
+    light = AnnData(obs=table.obs.copy(), obsm=dict(table.obsm), uns=dict(table.uns))
+    work = SpatialData(
+        images=dict(spots.sdata.images), shapes={spots.shapes_key: spots.shapes}, tables={spots.table_key: light}
+    )
+    try:
+        work.attrs.update(copy.deepcopy(dict(spots.sdata.attrs)))
+    except Exception:  # attrs a library keeps may not deep-copy; the readers only need the values
+        work.attrs.update(dict(spots.sdata.attrs))
+    return Spots(work, spots.table_key, spots.shapes_key)
+
+
+def commit(work: Spots, spots: Spots) -> None:
+    """Write into ``spots``' table what its working copy ``work`` (from :func:`staged`) gained or replaced.
+
+    ``obsm`` and ``uns`` entries that are new or were replaced by another object, and ``obs`` columns that are new or
+    changed.
+    """
+    src, dst = work.table, spots.table
+    for key, value in src.obsm.items():
+        if key not in dst.obsm or dst.obsm[key] is not value:
+            dst.obsm[key] = value
+    for col in src.obs.columns:
+        if col not in dst.obs.columns or not src.obs[col].equals(dst.obs[col]):
+            dst.obs[col] = src.obs[col].values  # same rows in the same order; categoricals stay categorical
+    for key, value in src.uns.items():
+        if key not in dst.uns or dst.uns[key] is not value:
+            dst.uns[key] = value

@@ -8,12 +8,13 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from .._sdata import set_microns_per_unit
+from .._validation import as_ids, check_key_name, file_errors
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -53,6 +54,14 @@ def _available_sections(root: Path) -> list[str]:
     return sorted(p.name.split(".")[0] for p in (root / "data" / "ST-cnts").glob("*.tsv*"))
 
 
+def _valid_id(sid: str) -> bool:
+    try:
+        check_key_name(sid, "section id")
+    except ValueError:
+        return False
+    return True
+
+
 def _image_path(root: Path, sid: str) -> Path | None:
     folder = root / "data" / "ST-imgs" / sid[0] / sid
     images = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
@@ -69,7 +78,7 @@ def read_motivation(path: Path) -> dict[tuple[str, int], str]:
     names: dict[tuple[str, int], str] = {}
     if not path.is_file():
         return names
-    with path.open(newline="") as fh:
+    with file_errors(path, "region names file"), path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     for row in rows[1:]:
         if len(row) < 3 or not row[1].strip().isdigit():
@@ -83,8 +92,13 @@ def read_motivation(path: Path) -> dict[tuple[str, int], str]:
     return names
 
 
-def _read_counts(path: Path) -> pd.DataFrame:
-    counts = pd.read_csv(path, sep="\t", index_col=0, low_memory=False)
+def _read_counts(path: Path, sid: str) -> pd.DataFrame:
+    where = f"her2st section {sid!r}"
+    with file_errors(path, "counts file", where=where):
+        counts = pd.read_csv(path, sep="\t", index_col=0, low_memory=False)
+    if counts.shape[0] == 0 or counts.shape[1] == 0:
+        msg = f"{where}: the counts file {path} holds no spots or no genes (shape {counts.shape})."
+        raise ValueError(msg)
     counts.index = counts.index.astype(str)
     bad = [c for c in counts.columns if not pd.api.types.is_numeric_dtype(counts[c])]
     if bad:
@@ -103,14 +117,23 @@ def _read_counts(path: Path) -> pd.DataFrame:
     return counts
 
 
-def _pixel_size(spots: pd.DataFrame) -> float:
+def _pixel_size(spots: pd.DataFrame, sid: str) -> float:
     """Micrometres per image pixel from the 200 um spot grid (least squares of pixel vs array position)."""
     slopes = []
     for arr, pix in (("new_x", "pixel_x"), ("new_y", "pixel_y")):
         a = spots[arr].to_numpy(float)
         p = spots[pix].to_numpy(float)
+        if len(np.unique(a)) < 2:
+            msg = (
+                f"her2st section {sid!r}: the spot file places every spot in one array column {arr!r}; the pixel size "
+                "is measured from the 200 um spot grid and needs spots in at least two rows and two columns."
+            )
+            raise ValueError(msg)
         slopes.append(np.polyfit(a, p, 1)[0])
     px_per_step = float(np.mean(np.abs(slopes)))
+    if not np.isfinite(px_per_step) or px_per_step <= 0:
+        msg = f"her2st section {sid!r}: the spot file's pixel positions do not follow its array positions."
+        raise ValueError(msg)
     return SPOT_SPACING_UM / px_per_step
 
 
@@ -119,26 +142,22 @@ def _spot_key(df: pd.DataFrame) -> pd.Series:
     return df["x"].astype(int).astype(str) + "x" + df["y"].astype(int).astype(str)
 
 
-def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str, int], str]) -> SpatialData:
-    import dask.array as da
-    from anndata import AnnData
-    from geopandas import GeoDataFrame
-    from PIL import Image
-    from scipy import sparse
-    from shapely.geometry import Point
-    from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity
-
-    counts = _read_counts(root / "data" / "ST-cnts" / f"{sid}.tsv.gz")
+def _read_spots(root: Path, sid: str, counts: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Index]:
+    """(counts, spot file rows) of the spots present in both, in the same order, and their keys."""
+    where = f"her2st section {sid!r}"
     spot_path = root / "data" / "ST-spotfiles" / f"{sid}_selection.tsv"
     if not spot_path.is_file():
         msg = f"Spot file {spot_path} is missing for section {sid!r}."
         raise FileNotFoundError(msg)
-    spots = pd.read_csv(spot_path, sep="\t")
+    with file_errors(spot_path, "spot file", where=where):
+        spots = pd.read_csv(spot_path, sep="\t")
     need = {"x", "y", "new_x", "new_y", "pixel_x", "pixel_y"}
     if not need <= set(spots.columns):
         msg = f"Spot file {spot_path} lacks the columns {sorted(need - set(spots.columns))}."
+        raise ValueError(msg)
+    bad = [c for c in sorted(need) if not pd.api.types.is_numeric_dtype(spots[c]) or not spots[c].notna().all()]
+    if bad:
+        msg = f"Spot file {spot_path} of section {sid!r} holds missing or non-numeric values in the columns {bad}."
         raise ValueError(msg)
     spots.index = _spot_key(spots)
     spots = spots[~spots.index.duplicated()]
@@ -149,9 +168,59 @@ def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str
             f"(counts index like {list(counts.index[:3])}, spots like {list(spots.index[:3])})."
         )
         raise ValueError(msg)
-    counts = counts.loc[shared]
-    spots = spots.loc[shared]
-    mpp = _pixel_size(spots)
+    return counts.loc[shared], spots.loc[shared], shared
+
+
+def _region_labels(root: Path, sid: str, shared: pd.Index) -> pd.array:
+    """Region cluster number of every spot (``Int64``, missing where unlabelled or without a label file)."""
+    lbl_path = root / "res" / "ST-cluster" / "lbl" / f"{sid}-cluster-annotation.tsv.gz"
+    if not lbl_path.is_file():
+        logger.info("her2st: no region labels for section %s (%s missing)", sid, lbl_path)
+        return pd.array([pd.NA] * len(shared), dtype="Int64")
+    with file_errors(lbl_path, "region label file", where=f"her2st section {sid!r}"):
+        lbl = pd.read_csv(lbl_path, sep="\t")
+        lbl_map = pd.Series(lbl["label"].to_numpy(), index=_spot_key(lbl))
+        lbl_map = lbl_map[~lbl_map.index.duplicated()]
+        return pd.array(lbl_map.reindex(shared).to_numpy(), dtype="Int64")
+
+
+def _read_image(image_path: Path, sid: str, cs: str) -> Any:
+    """The H&E of a section as a 4-level multiscale image element (levels box-filtered by PIL, once)."""
+    import dask.array as da
+    from PIL import Image
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    Image.MAX_IMAGE_PIXELS = None
+    with file_errors(image_path, "H&E image", where=f"her2st section {sid!r}"), Image.open(image_path) as img:
+        pil = img.convert("RGB")
+    rgb = np.asarray(pil)
+    arr = da.from_array(np.moveaxis(rgb, -1, 0), chunks=(3, 1024, 1024))
+    image = Image2DModel.parse(
+        arr, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=[2, 2, 2], transformations={cs: Identity()}
+    )
+    # spatialdata builds the coarser levels as lazy coarsenings of level 0, recomputed at every read; the
+    # decoded JPEG is in memory anyway, so compute each level once with PIL's box filter instead.
+    for k in range(1, 4):
+        node = image[f"scale{k}"]["image"]
+        small = np.asarray(pil.resize((node.sizes["x"], node.sizes["y"]), Image.Resampling.BOX))
+        node.data = da.from_array(np.moveaxis(small, -1, 0), chunks=(3, 1024, 1024))
+    return image
+
+
+def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str, int], str]) -> SpatialData:
+    from anndata import AnnData
+    from geopandas import GeoDataFrame
+    from scipy import sparse
+    from shapely.geometry import Point
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    check_key_name(sid, "section id", where=f"her2st counts file {root / 'data' / 'ST-cnts' / sid}.tsv.gz")
+    counts = _read_counts(root / "data" / "ST-cnts" / f"{sid}.tsv.gz", sid)
+    counts, spots, shared = _read_spots(root, sid, counts)
+    mpp = _pixel_size(spots, sid)
     patient = sid[0]
 
     obs = pd.DataFrame(index=[f"{sid}_{i}" for i in shared])
@@ -159,15 +228,7 @@ def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str
     obs["patient"] = pd.Categorical([patient] * len(shared))
     obs["array_x"] = spots["x"].to_numpy(int)
     obs["array_y"] = spots["y"].to_numpy(int)
-    obs["label_id"] = pd.array([pd.NA] * len(shared), dtype="Int64")
-    lbl_path = root / "res" / "ST-cluster" / "lbl" / f"{sid}-cluster-annotation.tsv.gz"
-    if lbl_path.is_file():
-        lbl = pd.read_csv(lbl_path, sep="\t")
-        lbl_map = pd.Series(lbl["label"].to_numpy(), index=_spot_key(lbl))
-        lbl_map = lbl_map[~lbl_map.index.duplicated()]
-        obs["label_id"] = pd.array(lbl_map.reindex(shared).to_numpy(), dtype="Int64")
-    else:
-        logger.info("her2st: no region labels for section %s (%s missing)", sid, lbl_path)
+    obs["label_id"] = _region_labels(root, sid, shared)
     obs["label"] = pd.Categorical(
         [None if pd.isna(v) else labels.get((patient, int(v)), f"cluster {int(v)}") for v in obs["label_id"]]
     )
@@ -181,21 +242,8 @@ def _read_section(root: Path, sid: str, image_path: Path, labels: dict[tuple[str
     table.obsm["spatial"] = xy
     table.uns["her2st"] = {"section": sid, "patient": patient, "image_file": image_path.name}
 
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(image_path) as img:
-        pil = img.convert("RGB")
-    rgb = np.asarray(pil)
-    arr = da.from_array(np.moveaxis(rgb, -1, 0), chunks=(3, 1024, 1024))
     cs = sid
-    image = Image2DModel.parse(
-        arr, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=[2, 2, 2], transformations={cs: Identity()}
-    )
-    # spatialdata builds the coarser levels as lazy coarsenings of level 0, recomputed at every read; the
-    # decoded JPEG is in memory anyway, so compute each level once with PIL's box filter instead.
-    for k in range(1, 4):
-        node = image[f"scale{k}"]["image"]
-        small = np.asarray(pil.resize((node.sizes["x"], node.sizes["y"]), Image.Resampling.BOX))
-        node.data = da.from_array(np.moveaxis(small, -1, 0), chunks=(3, 1024, 1024))
+    image = _read_image(image_path, sid, cs)
     circles = GeoDataFrame(
         {"radius": np.full(len(shared), SPOT_DIAMETER_UM / 2 / mpp)},
         geometry=[Point(x, y) for x, y in xy],
@@ -220,7 +268,8 @@ def her2st(root: str | os.PathLike | None = None, sections: Sequence[str] | None
     root
         The repository folder. Defaults to ``$SPADE_SC_DATA/her2st``.
     sections
-        Section ids (``"B4"``, ``"C2"``, ...). Defaults to every section that has counts and an image.
+        Section ids (``"B4"``, ``"C2"``, ...): one id or a sequence of them. Defaults to every section that has
+        counts and an image.
 
     Returns
     -------
@@ -243,9 +292,15 @@ def her2st(root: str | os.PathLike | None = None, sections: Sequence[str] | None
     _check_layout(base)
     available = _available_sections(base)
     if sections is None:
-        wanted = available
+        wanted = [sid for sid in available if _valid_id(sid)]
+        if len(wanted) < len(available):
+            logger.warning(
+                "her2st: skipping counts file(s) of %s, whose names cannot name a section (letters, digits, '_', "
+                "'-', '.').",
+                sorted(set(available) - set(wanted)),
+            )
     else:
-        wanted = [sections] if isinstance(sections, str) else list(sections)
+        wanted = as_ids(sections, "sections")
         unknown = [s for s in wanted if s not in available]
         if unknown:
             msg = f"Unknown her2st section(s) {unknown}; available in {base}: {available}."

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .._constants import Keys
 from .._sdata import ATTRS_KEY, set_microns_per_unit
-from .._validation import check_int
+from .._validation import as_ids, check_int
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -225,9 +225,10 @@ def synthetic(
     image_size
         Side of the square image in pixels at 0.5 um/px.
     tissue_types
-        Region types, any of ``"tumour"``, ``"stroma"``, ``"immune"``, ``"normal"``, ``"necrosis"``.
+        Region types (one name or a sequence), any of ``"tumour"``, ``"stroma"``, ``"immune"``, ``"normal"``,
+        ``"necrosis"``.
     organs
-        Organ of each slide, assigned round-robin; shifts expression a little per organ.
+        Organ of each slide (one name or a sequence), assigned round-robin; shifts expression a little per organ.
     n_genes
         Genes in the counts table.
     spots
@@ -257,7 +258,7 @@ def synthetic(
     """
     from spatialdata import SpatialData
 
-    types = _check_arguments(n_slides, n_spots, image_size, tissue_types, organs, n_genes, chunk_size)
+    types, organs = _check_arguments(n_slides, n_spots, image_size, tissue_types, organs, n_genes, chunk_size, seed)
     rng = np.random.default_rng(seed)
     names, base, programs, organ_shift = _gene_programs(rng, n_genes, types, organs)
     genes = _Genes(names, base, programs, organ_shift, prolif=rng.permutation(n_genes)[: max(3, n_genes // 20)])
@@ -298,25 +299,29 @@ def _check_arguments(
     n_slides: Any,
     n_spots: Any,
     image_size: Any,
-    tissue_types: Sequence[str],
-    organs: Sequence[str],
+    tissue_types: str | Sequence[str],
+    organs: str | Sequence[str],
     n_genes: Any,
     chunk_size: Any,
-) -> tuple[str, ...]:
-    """The tissue types as a tuple, after checking every argument of :func:`synthetic`."""
-    unknown = [t for t in tissue_types if t not in _MORPHOLOGY]
-    if unknown:
-        msg = f"Unknown tissue_types {unknown}; choose among {sorted(_MORPHOLOGY)}."
+    seed: Any,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The tissue types and organs as tuples (a single string is one), after checking every argument."""
+    types = as_ids(tissue_types, "tissue_types")
+    unknown = [t for t in types if t not in _MORPHOLOGY]
+    if unknown or not types:
+        msg = f"Unknown tissue_types {unknown or types}; choose among {sorted(_MORPHOLOGY)}."
         raise ValueError(msg)
     check_int(n_slides, "n_slides")
     check_int(n_spots, "n_spots")
     check_int(image_size, "image_size", low=64)
     check_int(n_genes, "n_genes")
     check_int(chunk_size, "chunk_size")
-    if not organs:
-        msg = "synthetic() needs at least one organ."
+    check_int(seed, "seed", low=0)
+    organs = [organs] if isinstance(organs, str) else list(organs)  # repeats allowed: organs go round-robin
+    if not organs or not all(isinstance(o, str) and o for o in organs):
+        msg = f"synthetic() needs at least one organ, each a non-empty string; got {organs!r}."
         raise ValueError(msg)
-    return tuple(tissue_types)
+    return tuple(types), tuple(organs)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -16,7 +15,7 @@ import pandas as pd
 
 from .._constants import Keys
 from .._sdata import set_microns_per_unit
-from .._validation import json_safe
+from .._validation import as_ids, json_safe, read_json
 from ._wsi import safe_name, slide_image
 
 if TYPE_CHECKING:
@@ -95,7 +94,7 @@ def read_hest(
     if sample_ids is None:
         wanted = available
     else:
-        wanted = [sample_ids] if isinstance(sample_ids, str) else list(sample_ids)
+        wanted = as_ids(sample_ids, "sample_ids")
         unknown = [s for s in wanted if s not in available]
         if unknown:
             msg = f"Unknown HEST sample id(s) {unknown}; available in {base}: {available}."
@@ -166,15 +165,7 @@ def _sample_files(base: Path, sid: str) -> dict[str, Path | None]:
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        msg = f"The HEST metadata file {path} is not valid JSON ({err})."
-        raise ValueError(msg) from err
-    if not isinstance(meta, dict):
-        msg = f"The HEST metadata file {path} holds a {type(meta).__name__}; a JSON object is expected."
-        raise ValueError(msg)
-    return meta
+    return read_json(path, "HEST metadata file")
 
 
 def _matches(value: Any, wanted: Any) -> bool:

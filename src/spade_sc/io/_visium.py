@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +10,8 @@ import numpy as np
 
 from .._constants import Keys
 from .._sdata import set_microns_per_unit
-from ._wsi import slide_image
+from .._validation import check_key_name, file_errors, read_json
+from ._wsi import safe_name, slide_image
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -79,15 +79,18 @@ def read_visium(
     if not scalefactors.is_file():
         msg = f"The Visium folder {folder} has no scale factors file {scalefactors}."
         raise FileNotFoundError(msg)
-    factors = json.loads(scalefactors.read_text())
+    factors = read_json(scalefactors, "scale factors file")
     diameter = factors.get("spot_diameter_fullres")
-    if not isinstance(diameter, int | float) or not diameter > 0:
+    if isinstance(diameter, bool) or not isinstance(diameter, int | float) or not 0 < diameter < float("inf"):
         msg = f"{scalefactors} has no positive 'spot_diameter_fullres'; the pixel size cannot be derived."
         raise ValueError(msg)
     mpp = VISIUM_SPOT_DIAMETER_UM / float(diameter)
     full = _fullres_path(folder, fullres_image_file)
-    dataset_id = dataset_id or folder.name
-    sdata = spatialdata_io.visium(folder, dataset_id=dataset_id, **kwargs)
+    dataset_id = safe_name(folder.name) if dataset_id is None else dataset_id
+    dataset_id = check_key_name(dataset_id, "dataset_id", where=f"Visium folder {folder}")
+    _check_counts_file(counts)
+    with file_errors(folder, "Space Ranger folder"):
+        sdata = spatialdata_io.visium(folder, dataset_id=dataset_id, **kwargs)
     set_microns_per_unit(sdata, dataset_id, mpp)
     if full is not None:
         image, info = slide_image(full, mpp=mpp, coordinate_system=dataset_id, backend=backend)
@@ -95,6 +98,18 @@ def read_visium(
         sdata.images[f"{dataset_id}_full_image"] = image
         sdata.attrs[Keys.ATTRS][Keys.WSI] = info
     return sdata
+
+
+def _check_counts_file(path: Path) -> None:
+    """The count matrix opens as HDF5 (a truncated or foreign file is an error naming it)."""
+    if path.suffix != ".h5":
+        return
+    import h5py
+
+    with file_errors(path, "count matrix (HDF5)"), h5py.File(path, "r") as h5:
+        if "matrix" not in h5:
+            msg = f"The count matrix {path} has no 'matrix' group: not a Space Ranger filtered_feature_bc_matrix.h5."
+            raise ValueError(msg)
 
 
 def _fullres_path(folder: Path, fullres_image_file: str | os.PathLike | None) -> Path | None:

@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._validation import json_safe
+from .._atomic import atomic_path
+from .._validation import file_errors, json_safe, read_json
+from ._schema import FORMAT_VERSION, check_config
 
-FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 #: The files of a model folder.
@@ -77,8 +78,6 @@ def write_model_folder(
     """
     from safetensors.torch import save_file
 
-    from .._atomic import atomic_path
-
     unknown = sorted(set(extra_files or {}) - set(RUN_FILES))
     if unknown:
         msg = f"extra_files {unknown} are not among the run records {RUN_FILES}."
@@ -96,22 +95,25 @@ def write_model_folder(
 
 
 def read_model_folder(path: str | Path, class_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config, tensors) of a folder written by :func:`write_model_folder`, after checking files, format and class."""
+    """(config, tensors) of a folder written by :func:`write_model_folder`, after checking files, format and schema.
+
+    A config that is not JSON, a weights file that safetensors cannot parse, and a config that does not follow the
+    schema of ``class_name`` (:func:`spade_sc.model._schema.check_config`: required keys, types, ranges, key names,
+    the tensor shapes it implies) are each a ``ValueError`` naming the file; nothing is built before they pass.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
+    if not path.is_dir():
+        msg = f"The model folder {path} does not exist or is not a folder."
+        raise FileNotFoundError(msg)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             msg = f"The model folder {path} lacks {name}."
             raise FileNotFoundError(msg)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    if config.get("format_version") != FORMAT_VERSION:
-        msg = (
-            f"{path / CONFIG_FILE} has format_version {config.get('format_version')!r}; this spade_sc reads "
-            f"format {FORMAT_VERSION}."
-        )
-        raise ValueError(msg)
-    if config.get("class") != class_name:
-        msg = f"{path} holds a {config.get('class')!r}, not a {class_name}."
-        raise ValueError(msg)
-    return config, load_file(str(path / WEIGHTS_FILE))
+    config = read_json(path / CONFIG_FILE, "model config")
+    with file_errors(path / WEIGHTS_FILE, "model weights file"):
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    check_config(config, class_name, path / CONFIG_FILE, shapes=shapes)
+    return config, tensors

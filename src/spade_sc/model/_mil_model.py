@@ -14,8 +14,9 @@ from typing import Any, Literal
 import numpy as np
 
 from .._constants import MIL_TASKS
-from .._validation import check_choice, json_safe
+from .._validation import check_choice, file_errors, json_safe
 from ._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
+from ._schema import check_tensors
 
 __all__ = ["MILModel"]
 
@@ -247,27 +248,32 @@ class MILModel:
         """
         from ._mil import GatedABMIL
 
-        config, tensors = read_model_folder(path, cls.__name__)
+        config, tensors = read_model_folder(path, cls.__name__)  # config checked against the schema
         p = config["init_params"]
         module = GatedABMIL(p["in_dim"], p["n_classes"], p["hidden"], p["attention_dim"], p["dropout"])
         n = len(_MODULE_PREFIX)
-        module.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(_MODULE_PREFIX)}, strict=True)
-        std = config.get("standardised")
-        if std and "feature_mean" not in tensors:
-            msg = f"{path} lacks the feature standardisation its config records."
+        std = bool(config.get("standardised"))
+        expected = {f"{_MODULE_PREFIX}{k}": v for k, v in module.state_dict().items()}
+        if std:
+            expected.update(feature_mean=np.zeros(p["in_dim"]), feature_std=np.ones(p["in_dim"]))
+        check_tensors(expected, tensors, path)
+        if std and not (tensors["feature_std"] > 0).all():
+            msg = f"{path}: the tensor 'feature_std' holds values <= 0; a standard deviation is positive."
             raise ValueError(msg)
+        module.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(_MODULE_PREFIX)}, strict=True)
         edges = config.get("bin_edges")
-        return cls(
-            module,
-            features_key=config["features_key"],
-            task=config["task"],
-            classes=config.get("classes"),
-            bin_edges=None if edges is None else [float(b) for b in edges],
-            feature_mean=tensors["feature_mean"].numpy() if std else None,
-            feature_std=tensors["feature_std"].numpy() if std else None,
-            init_params=p,
-            train_params=config.get("train_params"),
-        )
+        with file_errors(path, "model folder"):
+            return cls(
+                module,
+                features_key=config["features_key"],
+                task=config["task"],
+                classes=config.get("classes"),
+                bin_edges=None if edges is None else [float(b) for b in edges],
+                feature_mean=tensors["feature_mean"].numpy() if std else None,
+                feature_std=tensors["feature_std"].numpy() if std else None,
+                init_params=p,
+                train_params=config.get("train_params") or {},
+            )
 
 
 def _init_params(module: Any) -> dict[str, Any]:

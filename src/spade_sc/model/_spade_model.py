@@ -15,9 +15,10 @@ from typing import Any, Literal
 import numpy as np
 
 from .._constants import GENE_INPUTS, LOSSES, ROUTINGS
-from .._validation import check_choice
+from .._validation import check_choice, check_pairs, file_errors
 from ._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
 from ._kmeans import DataExperts
+from ._schema import check_tensors
 from ._trainer import default_trainer_kwargs, quiet_lightning, torch_state
 
 
@@ -190,6 +191,7 @@ class SpadeModel:
         The model itself, trained; ``history_`` holds the loss of every epoch.
         """
         import lightning as L
+        import torch
 
         from ._lightning import PairsDataModule, PairsDataset, SpadeLightningModule
 
@@ -202,6 +204,8 @@ class SpadeModel:
         if not train_groups:
             msg = "No training slides left after the validation split."
             raise ValueError(msg)
+        # at least 2 pairs of one expert to train (and to validate): never 0 steps reported as a trained model
+        check_pairs({g: pairs[g][2] for g in train_groups}, {g: pairs[g][2] for g in validation})
 
         def stack(groups: list[str]) -> PairsDataset | None:
             if not groups:
@@ -233,6 +237,7 @@ class SpadeModel:
         kwargs["callbacks"] = [*callbacks, *list(kwargs.get("callbacks", []) or [])]
         if checkpoint_dir is not None:  # a Checkpoint callback needs it (Lightning then adds no checkpoint of its own)
             kwargs["enable_checkpointing"] = True
+        threads = torch.get_num_threads()  # recorded: bitwise reproducible at a fixed thread count (see tl.fit)
         # Lightning announces devices and tips at INFO level at every fit: kept out of the user's log, progress or not
         with quiet_lightning(True), torch_state():
             trainer = L.Trainer(**kwargs)
@@ -257,6 +262,7 @@ class SpadeModel:
             "validation_groups": validation,
             "n_train_pairs": len(train_ds),
             "n_validation_pairs": 0 if val_ds is None else len(val_ds),
+            "torch_threads": int(threads),
         }
         self.is_trained_ = True
         return self
@@ -422,42 +428,30 @@ class SpadeModel:
         -------
         The model, with bit-identical weights.
         """
-        config, tensors = read_model_folder(path, cls.__name__)
+        config, tensors = read_model_folder(path, cls.__name__)  # config checked against the schema
         if genes is not None and list(genes) != list(config["genes"]):
             diff = sorted(set(genes) ^ set(config["genes"]))[:10]
             msg = f"The gene panel stored in {path} differs from the expected one (e.g. {diff})."
             raise ValueError(msg)
         arrays = {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("data_experts.")}
-        experts = DataExperts.from_dict({**config["data_experts"], **arrays})
         p = config["init_params"]
-        model = cls(
-            experts,
-            config["genes"],
-            p["image_dim"],
-            features_key=p["features_key"],
-            encoder_spec=config["encoder"],
-            gene_input=p["gene_input"],
-            loss=p["loss"],
-            routing=p["routing"],
-            routing_tau=p["routing_tau"],
-            proj_dim=p["proj_dim"],
-            dropout=p["dropout"],
-            seed=p["seed"],
-        )
-        expected = model.state_tensors()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        shapes = [
-            f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-            for k in sorted(set(expected) & set(tensors))
-            if tuple(tensors[k].shape) != tuple(expected[k].shape)
-        ]
-        if missing or unexpected or shapes:
-            msg = (
-                f"{path} does not match its config: missing {missing[:10]}, unexpected "
-                f"{unexpected[:10]}, shape mismatches {shapes[:10]}."
+        with file_errors(path, "model folder"):  # values the schema cannot see (e.g. an expert index out of range)
+            experts = DataExperts.from_dict({**config["data_experts"], **arrays})
+            model = cls(
+                experts,
+                config["genes"],
+                p["image_dim"],
+                features_key=p["features_key"],
+                encoder_spec=config["encoder"],
+                gene_input=p["gene_input"],
+                loss=p["loss"],
+                routing=p["routing"],
+                routing_tau=p["routing_tau"],
+                proj_dim=p["proj_dim"],
+                dropout=p["dropout"],
+                seed=p["seed"],
             )
-            raise ValueError(msg)
+        check_tensors(model.state_tensors(), tensors, path)
         model.module.load_state_dict(
             {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("experts.")}, strict=True
         )
@@ -465,8 +459,8 @@ class SpadeModel:
             {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("loss.")}, strict=True
         )
         model.module.eval()
-        model.history_ = config.get("history", [])
-        model.train_params_ = config.get("train_params", {})
+        model.history_ = config.get("history") or []
+        model.train_params_ = config.get("train_params") or {}
         model.is_trained_ = bool(config.get("is_trained", False))
         if config.get("fingerprint") and model.fingerprint() != config["fingerprint"]:
             msg = f"The weights in {path} do not match the fingerprint recorded in its config."

@@ -6,12 +6,16 @@ any order, and a table may hold more genes than the panel.
 Where counts are read from
 --------------------------
 ``layer=`` names the layer explicitly; otherwise the ``"counts"`` layer is used when the table has one, else ``X``.
-Counts are expected to be raw (non-negative; integers are not enforced).
+Counts are expected to be raw: non-negative (enforced) integers. Non-integer values are warned about, and values that
+look log-normalised (non-integers, all below :data:`LOG_SCALE_MAX`) are refused where raw counts are required
+(``gene_input="counts"``, the ``"seurat_v3"`` flavours) and warned about elsewhere, since they would be normalised a
+second time. A slide without counts (every spot sums to 0 on the shared genes) is refused by name before scanpy runs.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,6 +36,10 @@ TARGET_SUM = 1e4
 #: HVG flavours of scanpy that expect raw counts rather than log-normalised values.
 _COUNT_FLAVORS = ("seurat_v3", "seurat_v3_paper")
 _N_SHOWN = 10
+#: Non-integer values all below this look log-normalised (log1p of 1e4-normalised counts stays below ~10).
+LOG_SCALE_MAX = 20.0
+#: Stored values sampled to tell raw counts from normalised values.
+_KIND_SAMPLE = 200_000
 
 
 def _counts_source(table: AnnData, layer: str | None, where: str) -> str | None:
@@ -73,6 +81,37 @@ def _check_counts(matrix, where: str) -> None:
         n_bad = int((values < 0).sum())
         msg = f"{where} holds {n_bad} negative count value(s); raw counts are expected."
         raise ValueError(msg)
+
+
+def _values_kind(matrix) -> str:
+    """``"counts"`` (integers), ``"log"`` (non-integers all below :data:`LOG_SCALE_MAX`) or ``"non-integer"``.
+
+    Decided on an evenly strided sample of at most :data:`_KIND_SAMPLE` stored values.
+    """
+    values = _stored_values(matrix)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.floating):
+        return "counts"
+    sample = values.ravel()[:: max(1, values.size // _KIND_SAMPLE)]
+    sample = sample[np.isfinite(sample)]
+    if not sample.size or np.array_equal(sample, np.round(sample)):
+        return "counts"
+    return "log" if float(sample.max()) < LOG_SCALE_MAX else "non-integer"
+
+
+def _check_raw(matrix, where: str, *, required: str | None = None) -> None:
+    """Warn when ``matrix`` does not hold raw counts; with ``required`` (what needs them), log values are an error."""
+    kind = _values_kind(matrix)
+    if kind == "counts":
+        return
+    if kind == "log":
+        what = f"{where} holds non-integer values, all below {LOG_SCALE_MAX:g}: it looks log-normalised, not raw counts"
+        if required is not None:
+            msg = f"{what}, and {required} needs raw counts. Pass layer= naming the raw counts."
+            raise ValueError(msg)
+        msg = f"{what}; it would be normalised and log-transformed a second time. Pass layer= naming the raw counts."
+    else:
+        msg = f"{where} holds non-integer values; raw counts are expected (pass layer= naming the raw counts)."
+    warnings.warn(msg, UserWarning, stacklevel=4)
 
 
 def _check_unique(table: AnnData, where: str) -> None:
@@ -162,13 +201,17 @@ def panel_of_tables(
     Returns the panel and, per slide, the ``uns["spade_panel"]`` record :func:`gene_panel` writes.
     """
     sources = {}
+    required = f"flavor={flavor!r}" if flavor in _COUNT_FLAVORS else None
     for sid, (tkey, table) in tables.items():
         source = _counts_source(table, layer, f"Slide {sid!r}, table {tkey!r}")
         where = _where(sid, tkey, source)
         _check_unique(table, where)
         _check_counts(_counts(table, source), where)
+        _check_raw(_counts(table, source), where, required=required)
         sources[sid] = source
     shared_genes = _shared_genes(tables)
+    for sid, (tkey, table) in tables.items():  # checked on every slide before scanpy runs on any
+        _check_has_counts(table, sources[sid], shared_genes, _where(sid, tkey, sources[sid]))
     slide_genes = {
         sid: _slide_hvgs(table, sources[sid], shared_genes, n_top_genes, flavor, f"slide {sid!r}, table {tkey!r}")
         for sid, (tkey, table) in tables.items()
@@ -209,6 +252,21 @@ def _shared_genes(tables: Mapping[str, tuple[str, AnnData]]) -> list[str]:
     return sorted(shared)
 
 
+def _check_has_counts(table: AnnData, source: str | None, shared_genes: list[str], where: str) -> None:
+    """A slide without counts on ``shared_genes`` (every spot sums to 0, or no spot) is an error naming it."""
+    X = _counts(table, source)[:, table.var_names.get_indexer(shared_genes)]
+    totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    if not (totals > 0).any():
+        n_genes = len(shared_genes)
+        what = f"holds no counts: all {table.n_obs} spots sum to 0 on the {n_genes} genes shared by the slides"
+        what = "holds no spot" if table.n_obs == 0 else what
+        msg = (
+            f"{where} {what}; a slide without counts gives no highly variable genes. Remove it from the cohort, or "
+            "check its table (layer=)."
+        )
+        raise ValueError(msg)
+
+
 def _slide_hvgs(
     table: AnnData, source: str | None, shared_genes: list[str], n_top_genes: int, flavor: str, where: str
 ) -> list[str]:
@@ -216,16 +274,20 @@ def _slide_hvgs(
     import anndata as ad
     import pandas as pd
     import scanpy as sc
+    from scipy import sparse
 
     idx = table.var_names.get_indexer(shared_genes)
     X = _counts(table, source)[:, idx]
     if not np.issubdtype(X.dtype, np.floating):
         X = X.astype(np.float32)
+    if sparse.issparse(X):
+        X = sparse.csr_matrix(X)  # a copy already (the columns were selected)
+        X.eliminate_zeros()  # stored zeros of empty spots would become 0 / 0 in the normalisation
     sub = ad.AnnData(X=X, var=pd.DataFrame(index=shared_genes))
-    if flavor not in _COUNT_FLAVORS:
-        sc.pp.normalize_total(sub)
-        sc.pp.log1p(sub)
     try:
+        if flavor not in _COUNT_FLAVORS:
+            sc.pp.normalize_total(sub)
+            sc.pp.log1p(sub)
         sc.pp.highly_variable_genes(sub, n_top_genes=int(n_top_genes), flavor=flavor)
     except Exception as err:
         msg = f"highly_variable_genes(flavor={flavor!r}) failed on {where}: {err}"
@@ -291,6 +353,7 @@ def gene_matrix(
     # log1p uses every gene of the table (per-spot totals), so every value is checked; counts only the panel's.
     sub = counts[:, idx]
     _check_counts(counts if gene_input == "log1p" else sub, where)
+    _check_raw(sub, where, required='gene_input="counts"' if gene_input == "counts" else None)
     sub = sub.toarray() if sparse.issparse(sub) else np.asarray(sub)
     out = np.asarray(sub, dtype=np.float32)
     if gene_input == "counts":

@@ -22,7 +22,7 @@ from .._image import (
     value_scale,
 )
 from .._sdata import image_pixel_size, resolve_key
-from .._validation import check_fraction, check_int, check_mpp
+from .._validation import check_fraction, check_int, check_key_name, check_mpp
 from .._version import __version__
 
 if TYPE_CHECKING:
@@ -237,12 +237,56 @@ def tile_tissue(
       ``tissue_fraction`` of the
       image, ``n_tiles``, ``spade_sc_version``).
     """
+    tiles = tile_elements(
+        sdata,
+        image_key=image_key,
+        mpp=mpp,
+        tile_size=tile_size,
+        overlap=overlap,
+        min_tissue=min_tissue,
+        image_mpp=image_mpp,
+        key_added=key_added,
+        overwrite=overwrite,
+    )
+    write_tiles(sdata, tiles)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The elements :func:`tile_tissue` writes into a slide: the tiles' shapes and the table annotating them."""
+
+    image_key: str
+    shapes_key: str
+    table_key: str
+    shapes: Any
+    table: AnnData
+
+
+def tile_elements(
+    sdata: SpatialData,
+    *,
+    image_key: str | None = None,
+    mpp: float = 0.5,
+    tile_size: int = 224,
+    overlap: int = 0,
+    min_tissue: float = 0.5,
+    image_mpp: float | None = None,
+    key_added: str | None = None,
+    overwrite: bool = False,
+) -> Tiles:
+    """The tiles of :func:`tile_tissue` (same arguments), made but not written: every check and the tissue mask.
+
+    Cohort functions make the tiles of every slide first and write them (:func:`write_tiles`) only when all slides
+    have succeeded.
+    """
     tile_size = check_int(tile_size, "tile_size", low=MIN_PATCH_SIZE)
     overlap = check_int(overlap, "overlap", low=0, high=tile_size, why=f" (below tile_size = {tile_size})")
     mpp = check_mpp(mpp)
     min_tissue = check_fraction(min_tissue, "min_tissue", closed_high=True)
     image_key = resolve_key(sdata, "images", image_key)
     shapes_key, table_key = tiles_keys(image_key, key_added)
+    for what, name in (("key_added", shapes_key), ("the tiles table name", table_key)):
+        check_key_name(name, what)
     _check_names(sdata, shapes_key, table_key, overwrite=overwrite)
 
     tile_um = tile_size * mpp
@@ -277,21 +321,26 @@ def tile_tissue(
         "n_tiles": len(grid.rows),
     }
     shapes = _tiles_shapes(grid, sdata.images[image_key])
-    table = _tiles_table(grid, shapes_key, params)
-    if table_key in sdata.tables:
-        del sdata.tables[table_key]
-    if shapes_key in sdata.shapes:
-        del sdata.shapes[shapes_key]
-    sdata.shapes[shapes_key] = shapes
-    sdata.tables[table_key] = table
+    return Tiles(image_key, shapes_key, table_key, shapes, _tiles_table(grid, shapes_key, params))
+
+
+def write_tiles(sdata: SpatialData, tiles: Tiles) -> None:
+    """Write the tiles made by :func:`tile_elements` into ``sdata``, replacing elements of the same names."""
+    if tiles.table_key in sdata.tables:
+        del sdata.tables[tiles.table_key]
+    if tiles.shapes_key in sdata.shapes:
+        del sdata.shapes[tiles.shapes_key]
+    sdata.shapes[tiles.shapes_key] = tiles.shapes
+    sdata.tables[tiles.table_key] = tiles.table
+    params = tiles.table.uns[Keys.TILING]
     logger.info(
         "tile_tissue: %d tiles of %d px at %.3g um/px on %r (tissue %.1f%% of the image, mask level %d)",
-        len(grid.rows),
-        tile_size,
-        mpp,
-        image_key,
-        100 * info["tissue_fraction"],
-        info["level"],
+        params["n_tiles"],
+        params["tile_size"],
+        params["mpp"],
+        tiles.image_key,
+        100 * params["tissue_fraction"],
+        params["mask_level"],
     )
 
 

@@ -10,10 +10,11 @@ level analyses (MIL, classifiers, plots) use. Concatenating the per-slide tables
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,17 +24,21 @@ from .._constants import Keys
 from .._sdata import (
     _KINDS,
     ATTRS_KEY,
+    Spots,
     as_cohort,
+    check_patch_source,
     check_same_dimension,
+    commit,
     features_matrix,
     resolve_key,
     resolve_table,
+    staged,
     table_region,
 )
-from .._validation import uns_safe
+from .._validation import named_errors, uns_safe
 from .._version import __version__
-from ..pp import image_features, tile_tissue
-from ..pp._tiles import tiles_keys
+from ..pp import image_features
+from ..pp._tiles import Tiles, tile_elements, tiles_keys, write_tiles
 from ._spade import embed
 
 if TYPE_CHECKING:
@@ -244,34 +249,22 @@ def slide_embeddings(
     if features_key is None:
         features_key = Keys.features(enc.name) if enc is not None else Keys.SPADE
 
-    # validation: nothing is written before every slide has passed
-    plan: dict[str, _Step] = {}
-    dims: dict[str, int] = {}
-    for name, sdata in slides.items():
-        where = f"Slide {name!r}"
-        plan[name], dim = _plan_slide(
-            sdata, where, model, enc, features_key, tiles=tiles, image_key=image_key, tiles_key=tiles_key
-        )
-        _check_key_added(sdata, key_added, plan[name].table_key, where)
-        if plan[name].features:
-            _check_embeddable(sdata, plan[name], model, enc, features_key, where)
-        if dim is not None:
-            dims[name] = dim
-    check_same_dimension(dims, features_key)
-
+    # validation: every slide checked, and its tiles made, before anything is computed or written
+    plan = _plan(slides, model, enc, features_key, tiles, image_key, tiles_key, tile_kwargs, key_added)
     tiles_encoder = _tiles_encoder(enc, model, features_key, plan)
     rows: list[dict[str, Any]] = []
     pooled: list[np.ndarray] = []
+    work: dict[str, Spots] = {}
     for name, sdata in tqdm(slides.items(), desc="slide_embeddings", unit="slide", disable=not progress):
-        step, where = plan[name], f"Slide {name!r}"
-        if step.tile:
-            _tile(sdata, step, dict(tile_kwargs or {}), tiles_key, where)
+        step = plan[name]
+        work[name] = _workspace(sdata, step)  # computations go into a working copy of the slide
         if step.features:
-            _embed_tiles(sdata, step, model, tiles_encoder, features_key, routing, dict(feature_kwargs or {}), progress)
-        table = sdata.tables[step.table_key]
-        x = tile_features(table, features_key, where=where)
+            kwargs = dict(feature_kwargs or {})
+            with named_errors(name):
+                _embed_tiles(work[name].sdata, step, model, tiles_encoder, features_key, routing, kwargs, progress)
+        x = tile_features(work[name].table, features_key, where=f"Slide {name!r}")
         pooled.append(x.mean(axis=0))
-        image = step.image_key or table.uns.get(Keys.TILING, {}).get("image_key", "")
+        image = step.image_key or work[name].table.uns.get(Keys.TILING, {}).get("image_key", "")
         rows.append(
             {**slide_info(sdata), "n_tiles": int(x.shape[0]), "image_key": str(image), "tiles_key": step.tiles_key}
         )
@@ -280,6 +273,8 @@ def slide_embeddings(
     params = _params(features_key, model, enc, routing)
     adata = _cohort_table(list(slides), rows, np.stack(pooled).astype(np.float32), label_frame, features_key)
     adata.uns[key_added] = {"params": params}
+    for name, sdata in slides.items():  # every slide has succeeded: write
+        _commit_slide(sdata, plan[name], work[name])
     _write_slide_tables(slides, adata, key_added)
     logger.info(
         "slide_embeddings: %d slides, %s-d %r mean-pooled over %d tiles in total",
@@ -303,6 +298,7 @@ class _Step:
     table_key: str  # the tiles table (the name tile_tissue will write, for slides not tiled yet)
     tile: bool
     features: bool
+    made: Tiles | None = None  # the tiles made (not yet written) for a slide not tiled yet
 
 
 def _check_model(model: Any) -> None:
@@ -314,6 +310,41 @@ def _check_model(model: Any) -> None:
         raise TypeError(msg)
 
 
+def _plan(
+    slides: Mapping[str, SpatialData],
+    model: Any,
+    enc: Any,
+    features_key: str,
+    tiles: bool,
+    image_key: str | None,
+    tiles_key: str | None,
+    tile_kwargs: Mapping[str, Any] | None,
+    key_added: str,
+) -> dict[str, _Step]:
+    """What to do to every slide, after checking every slide (keys, images, tissue) and making the missing tiles."""
+    plan: dict[str, _Step] = {}
+    dims: dict[str, int] = {}
+    for name, sdata in slides.items():
+        where = f"Slide {name!r}"
+        with named_errors(name):
+            plan[name], dim = _plan_slide(
+                sdata, where, model, enc, features_key, tiles=tiles, image_key=image_key, tiles_key=tiles_key
+            )
+            step = plan[name]
+            _check_key_added(sdata, key_added, step.table_key, where)
+            if step.features:
+                _check_embeddable(sdata, step, model, enc, features_key, where)
+            if step.tile:  # checks the image (channels, pixel size) and that it has tissue
+                _make_tiles(sdata, step, dict(tile_kwargs or {}), tiles_key)
+            elif step.features and not _has_base_features(sdata, step, model, features_key):
+                spots = Spots(sdata, step.table_key, step.tiles_key)  # patches will be cut: check the image
+                check_patch_source(spots, name, image_key=step.image_key)
+        if dim is not None:
+            dims[name] = dim
+    check_same_dimension(dims, features_key)
+    return plan
+
+
 def _check_arguments(
     model: Any, encoder: Any, key_added: Any, tile_kwargs: Mapping[str, Any] | None, tiles_key: str | None
 ) -> str | None:
@@ -323,6 +354,12 @@ def _check_arguments(
         msg = (
             "Pass either model= (SPADE embeddings, or the model's own base features) or encoder= (base-encoder "
             "features), not both."
+        )
+        raise ValueError(msg)
+    if model is not None and not getattr(model, "is_trained_", False):
+        msg = (
+            f"model is untrained ({model!r}): its tile embeddings would come from random weights. Train it with "
+            "spade_sc.tl.fit, or load a trained model folder with SpadeModel.load."
         )
         raise ValueError(msg)
     if not isinstance(key_added, str) or not key_added:
@@ -393,6 +430,13 @@ def _check_embeddable(sdata: SpatialData, step: _Step, model: Any, enc: Any, fea
         raise ValueError(msg)
 
 
+def _has_base_features(sdata: SpatialData, step: _Step, model: Any, features_key: str) -> bool:
+    """Whether the SPADE embedding of existing tiles comes from base features they hold (no image is read)."""
+    if model is None or features_key == model.features_key or step.tile:
+        return False
+    return model.features_key in sdata.tables[step.table_key].obsm
+
+
 def _check_key_added(sdata: SpatialData, key_added: str, tiles_table: str, where: str) -> None:
     """``key_added`` names no element but a (replaceable) non-annotating table."""
     for kind in _KINDS:
@@ -413,14 +457,35 @@ def _tiles_encoder(enc: Any, model: Any, features_key: str, plan: Mapping[str, _
     return encoder_from_spec(model.encoder_spec)
 
 
-def _tile(sdata: SpatialData, step: _Step, tile_kwargs: dict[str, Any], tiles_key: str | None, where: str) -> None:
-    """Tile a slide with :func:`spade_sc.pp.tile_tissue` and record the keys it wrote in ``step``."""
+def _make_tiles(sdata: SpatialData, step: _Step, tile_kwargs: dict[str, Any], tiles_key: str | None) -> None:
+    """Make (not write) the tiles of a slide with :func:`spade_sc.pp.tile_tissue`'s core; record them in ``step``."""
     if tiles_key is not None:
         tile_kwargs["key_added"] = tiles_key
-    tile_tissue(sdata, image_key=step.image_key, **tile_kwargs)
-    step.tiles_key, step.table_key = require_tiles(
-        sdata, image_key=step.image_key, tiles_key=step.tiles_key, where=where
+    step.made = tile_elements(sdata, image_key=step.image_key, **tile_kwargs)
+    step.image_key, step.tiles_key, step.table_key = step.made.image_key, step.made.shapes_key, step.made.table_key
+
+
+def _workspace(sdata: SpatialData, step: _Step) -> Spots:
+    """A working copy of a slide's tiles to compute into: the tiles made, or a staged copy of the existing ones."""
+    if step.made is None:
+        return staged(Spots(sdata, step.table_key, step.tiles_key))
+    from spatialdata import SpatialData
+
+    work = SpatialData(
+        images=dict(sdata.images),
+        shapes={step.tiles_key: step.made.shapes},
+        tables={step.table_key: step.made.table},
     )
+    work.attrs.update(copy.deepcopy(dict(sdata.attrs)))
+    return Spots(work, step.table_key, step.tiles_key)
+
+
+def _commit_slide(sdata: SpatialData, step: _Step, work: Spots) -> None:
+    """Write what was computed for a slide: its new tiles (with their features), or the features of its tiles."""
+    if step.made is not None:
+        write_tiles(sdata, replace(step.made, shapes=work.shapes, table=work.table))
+    elif step.features:
+        commit(work, Spots(sdata, step.table_key, step.tiles_key))
 
 
 def _embed_tiles(

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from .._constants import GENE_INPUTS, LOSSES, ROUTINGS, Keys
-from .._sdata import Spots, as_cohort, features_matrix, resolve_spots
-from .._validation import check_choice, check_fraction, check_int, json_safe
+from .._sdata import Spots, as_cohort, check_patch_source, commit, features_matrix, resolve_spots, staged
+from .._validation import as_ids, check_choice, check_fraction, check_int, json_safe, named_errors
 from ..model._files import versions
 from ..model._spade_model import SpadeModel
 from ..pp import gene_matrix, image_features
@@ -94,23 +94,20 @@ def compute_features(
 # ---------------------------------------------------------------------- steps of fit / embed
 def _check_fit_args(
     cohort: Mapping[str, SpatialData],
-    validation_slides: Sequence[str] | None,
+    validation_slides: str | Sequence[str] | None,
     validation_fraction: float,
     gene_input: str,
     loss: str,
     routing: str,
     key_added: str,
     model_kwargs: Mapping[str, Any] | None,
-) -> None:
+) -> list[str] | None:
+    """Check the arguments of :func:`fit`; return ``validation_slides`` as a list (a single id is one slide)."""
     check_fraction(validation_fraction, "validation_fraction")
-    if validation_slides is not None:
-        unknown = [v for v in validation_slides if v not in cohort]
-        if unknown:
-            msg = f"validation_slides {unknown} are not in the cohort {sorted(cohort)}."
-            raise ValueError(msg)
-        if len(validation_slides) >= len(cohort):
-            msg = "validation_slides leaves no slide to train on."
-            raise ValueError(msg)
+    validation_slides = as_ids(validation_slides, "validation_slides", known=cohort)
+    if validation_slides is not None and len(validation_slides) >= len(cohort):
+        msg = f"validation_slides {validation_slides} leaves no slide to train on (cohort: {sorted(cohort)})."
+        raise ValueError(msg)
     check_choice(gene_input, "gene_input", GENE_INPUTS)
     check_choice(loss, "loss", LOSSES)
     check_choice(routing, "routing", ROUTINGS)
@@ -121,6 +118,7 @@ def _check_fit_args(
     if unknown:
         msg = f"model_kwargs {unknown} are not model settings; choose among {MODEL_KWARGS}."
         raise ValueError(msg)
+    return validation_slides
 
 
 def _features_everywhere(
@@ -129,25 +127,36 @@ def _features_everywhere(
     encoder: Any,
     progress: bool,
     feature_kwargs: Mapping[str, Any] | None,
-) -> tuple[str, dict[str, Any] | None]:
-    """The features key of the cohort, after computing the features of the slides that lack them; the encoder spec."""
+) -> tuple[str, dict[str, Any] | None, dict[str, Spots]]:
+    """The features key of the cohort, the encoder spec, and working copies holding the features computed.
+
+    Every slide that lacks the features is checked first (image, channels, pixel size, coordinate system), before
+    features are computed on any; they are computed into working copies of the slides (:func:`staged`), which
+    :func:`fit` commits once everything has succeeded.
+    """
     from ..encoders import get_encoder
 
     enc = None
     if features_key is None:
         enc = get_encoder(encoder)
         features_key = Keys.features(enc.name)
+    kwargs = dict(feature_kwargs or {})
     missing = [name for name, s in spots.items() if features_key not in s.table.obsm]
+    for name in missing:  # cheap checks of every slide before any computation
+        check_patch_source(spots[name], name, image_key=kwargs.get("image_key"), image_mpp=kwargs.get("image_mpp"))
     if missing and enc is None:
         enc = get_encoder(encoder)
+    work = {}
     for name in missing:
         logger.info("spade_sc.tl.fit: computing %s features for slide %s", enc.name, name)
-        compute_features(spots[name], enc, features_key, progress=progress, **dict(feature_kwargs or {}))
-    for s in spots.values():
-        params = s.table.uns.get(features_key, {})
+        work[name] = staged(spots[name])
+        with named_errors(name):
+            compute_features(work[name], enc, features_key, progress=progress, **kwargs)
+    for name, s in spots.items():
+        params = (work[name] if name in work else s).table.uns.get(features_key, {})
         if isinstance(params, Mapping) and "encoder" in params:
-            return features_key, json_safe(dict(params["encoder"]))
-    return features_key, None if enc is None else enc.spec
+            return features_key, json_safe(dict(params["encoder"])), work
+    return features_key, None if enc is None else enc.spec, work
 
 
 def _n_experts(n_experts: int | str, n_clusters_per_tissue: int | str, n_pairs: int) -> tuple[int, int]:
@@ -218,8 +227,16 @@ def _spade_record(model: SpadeModel, *, routing: str, key_added: str, features_k
         "fingerprint": model.fingerprint(),
         "train_params": json.loads(json.dumps(model.train_params_, default=str)),
         "experts": model.experts.config()["params"],
+        "torch_threads": int(model.train_params_.get("torch_threads") or _torch_threads()),
         "versions": versions(),
     }
+
+
+def _torch_threads() -> int:
+    """Torch's intra-op thread count (recorded: results are bitwise reproducible at a fixed count)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _write_embedding(
@@ -316,9 +333,9 @@ def fit(
     weight_decay
         Weight decay.
     validation_slides
-        Slides held out to pick the best epoch; default a ``validation_fraction`` of the slides (at least one
-        when there are two or more). A single slide is split into spatial blocks: the spots right of the
-        ``1 - validation_fraction`` quantile of x are held out.
+        Slides held out to pick the best epoch: one slide id (``"slide0"``) or a sequence of them; default a
+        ``validation_fraction`` of the slides (at least one when there are two or more). A single slide is split
+        into spatial blocks: the spots right of the ``1 - validation_fraction`` quantile of x are held out.
     validation_fraction
         Fraction of slides (or of one slide's width) used for validation; 0 disables validation.
     early_stopping_patience
@@ -326,7 +343,10 @@ def fit(
     table_key, shapes_key
         The spot table and shapes of every slide, when a slide holds several.
     seed
-        Seed of k-means, initialisation, batching and the validation draw; same seed, same model on CPU.
+        Seed of k-means, initialisation, batching and the validation draw. The same seed gives a bitwise identical
+        model at a fixed number of torch threads (``torch.get_num_threads()``, recorded in ``uns["spade"]``);
+        with another thread count the float sums run in another order and the weights differ by about 1e-4 (the
+        nearest neighbours of the embedding stay the same).
     key_added
         ``obsm`` key of the embedding.
     trainer_kwargs
@@ -351,6 +371,12 @@ def fit(
         configuration, other settings or other slides is refused, naming the difference. A killed and resumed fit
         ends with bitwise the same weights as an uninterrupted one (same seed, device and torch thread count).
 
+    Every slide is checked before anything is computed (counts, genes, keys, and, where features are missing,
+    image, channels, pixel size, coordinate system); features are computed into working copies and written, with
+    the embedding, only once training has succeeded: a failing call leaves every slide as it was. Training needs
+    at least 2 training pairs (spots) of one data expert (a contrastive batch needs 2), and as many validation
+    pairs when validating; fewer is an error, never an untrained model.
+
     Returns
     -------
     The trained :class:`SpadeModel`. Writes into the spot table of every slide:
@@ -360,7 +386,7 @@ def fit(
     - ``obsm["spade_routing"]``: routing weights (n_spots x K, rows sum to 1);
     - ``obs["spade_routing_entropy"]``: entropy of those weights;
     - ``uns["spade"]``: parameters, gene panel (``genes``), data experts (``experts``: tissue key, clusters per
-      tissue, WCSS), model fingerprint, training record, versions;
+      tissue, WCSS), model fingerprint, training record, ``torch_threads`` (of the training), versions;
     - ``obsm["X_<encoder>"]`` and ``uns["X_<encoder>"]`` where features were computed.
     """
     import torch
@@ -369,12 +395,15 @@ def fit(
     cohort = as_cohort(sdata_or_cohort)
     spots = {name: resolve_spots(s, table_key, shapes_key) for name, s in cohort.items()}
     tables = {name: (s.table_key, s.table) for name, s in spots.items()}
-    _check_fit_args(cohort, validation_slides, validation_fraction, gene_input, loss, routing, key_added, model_kwargs)
+    validation_slides = _check_fit_args(
+        cohort, validation_slides, validation_fraction, gene_input, loss, routing, key_added, model_kwargs
+    )
     # Gene panel first: it validates the counts (shared genes, NaN, negative values) before anything is written.
     genes, _ = panel_of_tables(tables, n_top_genes=check_int(n_top_genes, "n_top_genes"))
     torch.set_num_threads(threads)
-    features_key, encoder_spec = _features_everywhere(spots, features_key, encoder, progress, feature_kwargs)
-    feats = cohort_features(tables, features_key)
+    # features computed into working copies (work), written into the slides only once everything has succeeded
+    features_key, encoder_spec, work = _features_everywhere(spots, features_key, encoder, progress, feature_kwargs)
+    feats = cohort_features({n: (s.table_key, s.table) for n, s in {**spots, **work}.items()}, features_key)
     n_pairs = sum(len(x) for x in feats.values())
     k, k1 = _n_experts(n_experts, n_clusters_per_tissue, n_pairs)
     experts, assigned = experts_of_tables(
@@ -423,9 +452,11 @@ def fit(
     model.train_params_["tissue_key"] = tissue_key
 
     record = _spade_record(model, routing=routing, key_added=key_added, features_key=features_key)
+    embeddings = {name: model.get_image_embedding(feats[name], routing) for name in tables}
+    for name, w in work.items():
+        commit(w, spots[name])
     for name, (_, t) in tables.items():
-        emb, weights = model.get_image_embedding(feats[name], routing)
-        _write_embedding(t, model, emb, weights, assigned[name], record)
+        _write_embedding(t, model, *embeddings[name], assigned[name], record)
     return model
 
 
@@ -452,7 +483,7 @@ def embed(
     sdata
         The slide.
     model
-        A trained model (:func:`fit` or :meth:`SpadeModel.load`).
+        A trained model (:func:`fit` or :meth:`SpadeModel.load`); an untrained one is refused.
     routing
         ``"soft"``, ``"hard"`` or ``"uniform"``; defaults to the model's.
     features_key
@@ -481,6 +512,12 @@ def embed(
 
     Otherwise ``(embedding, routing weights)``.
     """
+    if not getattr(model, "is_trained_", False):
+        msg = (
+            f"The model is untrained ({model!r}): its embedding would come from random weights. Train it with "
+            "spade_sc.tl.fit, or load a trained model folder with SpadeModel.load."
+        )
+        raise ValueError(msg)
     features_key = features_key or model.features_key
     if features_key != model.features_key:
         msg = (
