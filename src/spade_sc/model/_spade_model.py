@@ -79,6 +79,9 @@ class SpadeModel:
         check_choice(gene_input, "gene_input", GENE_INPUTS)
         check_choice(loss, "loss", LOSSES)
         check_choice(routing, "routing", ROUTINGS)
+        if not (isinstance(routing_tau, int | float) and np.isfinite(routing_tau) and routing_tau > 0):
+            msg = f"routing_tau must be a positive number, got {routing_tau!r}."
+            raise ValueError(msg)
         if experts.centroids.shape[1] != image_dim:
             msg = f"The experts' centroids have dimension {experts.centroids.shape[1]}, the features {image_dim}."
             raise ValueError(msg)
