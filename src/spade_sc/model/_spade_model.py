@@ -79,7 +79,8 @@ class SpadeModel:
         check_choice(gene_input, "gene_input", GENE_INPUTS)
         check_choice(loss, "loss", LOSSES)
         check_choice(routing, "routing", ROUTINGS)
-        if not (isinstance(routing_tau, int | float) and np.isfinite(routing_tau) and routing_tau > 0):
+        number = isinstance(routing_tau, int | float | np.number) and not isinstance(routing_tau, bool)
+        if not (number and 0 < routing_tau < np.inf):
             msg = f"routing_tau must be a positive number, got {routing_tau!r}."
             raise ValueError(msg)
         if experts.centroids.shape[1] != image_dim:
