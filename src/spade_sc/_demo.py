@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,9 +33,14 @@ def demo(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        msg = f"{out} exists and is not empty; pass --overwrite."
-        raise SystemExit(msg)
+    problem = None
+    if out.exists() and not out.is_dir():
+        problem = f"--out {out} exists and is not a folder; choose a folder for the demo's outputs."
+    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        problem = f"--out {out} exists and is not empty; pass --overwrite."
+    if problem:
+        print(f"spade-sc demo: error: {problem}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     data = args.data
     if data == "auto":

@@ -32,6 +32,7 @@ import numpy as np
 from .._constants import Keys
 from .._image import (
     FILL,
+    FLOAT_SAMPLE_SIDE,
     MIN_PATCH_SIZE,
     LevelReader,
     PatchSampler,
@@ -136,7 +137,8 @@ def image_features(
     overwrite
         Replace existing features under ``key_added``.
     inplace
-        Write into ``sdata`` (return None) or return the features and write nothing.
+        Write into ``sdata`` (return None) or return the features and write nothing (an existing ``key_added`` is
+        then no obstacle).
     progress
         Show a progress bar over batches.
 
@@ -167,10 +169,11 @@ def image_features(
     levels = image_levels(sdata.images[image_key])
     rgb = rgb_channels(levels[0], image_key)
     scale = value_scale(levels, image_key)
+    _warn_no_values(levels, image_key)
     cs = shared_coordinate_system(sdata, image_key, spots.shapes_key)
     p0 = image_pixel_size(sdata, image_key, image_mpp=image_mpp)
     centres = _locate(sdata, image_key, spots, levels, cs)
-    if key_added is not None:
+    if key_added is not None and inplace:  # inplace=False writes nothing: an existing key is no obstacle
         _check_free(spots, key_added, overwrite)
     mpps = level_mpp(levels, p0)
     level = choose_level(mpps, mpp)
@@ -181,7 +184,7 @@ def image_features(
 
     enc = get_encoder(encoder, device=device)
     key = key_added or Keys.features(enc.name)
-    if not key_added:  # a given key_added was checked above
+    if not key_added and inplace:  # a given key_added was checked above
         _check_free(spots, key, overwrite)
     logger.info(
         "image_features: %d patches of %d px at %.3g um/px from level %d (%.3g um/px) of %r, encoder %r",
@@ -256,6 +259,29 @@ def _locate(sdata: SpatialData, image_key: str, spots: Spots, levels: Sequence[A
             image_key,
         )
     return _Centres(rows=rows, pos=pos, px=px, matrix=matrix, n_outside=n_outside)
+
+
+def _warn_no_values(levels: Sequence[Any], image_key: str) -> None:
+    """Warn when a float image holds no finite value (checked on a central window of its coarsest level).
+
+    NaN pixels are read as white glass: an all-NaN image would give the features of blank glass without a word.
+    """
+    import warnings
+
+    if not np.issubdtype(np.dtype(levels[0].dtype), np.floating):
+        return
+    lv = levels[-1]
+    h, w = int(lv.sizes["y"]), int(lv.sizes["x"])
+    side = FLOAT_SAMPLE_SIDE
+    y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    sample = np.asarray(lv.data[:, y0 : y0 + side, x0 : x0 + side])
+    if sample.size and not np.isfinite(sample).any():
+        warnings.warn(
+            f"Image {image_key!r} holds only NaN or infinite values (central {min(side, h)} x {min(side, w)} px of its "
+            "coarsest level): its patches are read as white glass, and their features are those of blank glass.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_free(spots: Spots, key: str, overwrite: bool) -> None:
