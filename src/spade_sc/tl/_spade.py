@@ -297,6 +297,12 @@ def fit(
     pairs (hard negatives), uses AdamW with a cosine schedule, and keeps the epoch with the lowest loss on
     held-out **slides**.
 
+    Every slide is checked before anything is computed (counts, genes, keys, and, where features are missing,
+    image, channels, pixel size, coordinate system); features are computed into working copies and written, with
+    the embedding, only once training has succeeded: a failing call leaves every slide as it was. Training needs
+    at least 2 training pairs (spots) of one data expert (a contrastive batch needs 2), and as many validation
+    pairs when validating; fewer is an error, never an untrained model.
+
     Parameters
     ----------
     sdata_or_cohort
@@ -370,12 +376,6 @@ def fit(
         features, panel and experts are recomputed (deterministic for a seed); a checkpoint of another model
         configuration, other settings or other slides is refused, naming the difference. A killed and resumed fit
         ends with bitwise the same weights as an uninterrupted one (same seed, device and torch thread count).
-
-    Every slide is checked before anything is computed (counts, genes, keys, and, where features are missing,
-    image, channels, pixel size, coordinate system); features are computed into working copies and written, with
-    the embedding, only once training has succeeded: a failing call leaves every slide as it was. Training needs
-    at least 2 training pairs (spots) of one data expert (a contrastive batch needs 2), and as many validation
-    pairs when validating; fewer is an error, never an untrained model.
 
     Returns
     -------
