@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             pf = res.table[(res.table.task == task) & (res.table.metric == metric)]
             pf = pf.groupby(["representation", "shots", "fold"], observed=True)["value"].mean().unstack("fold")
             print(pf.round(3).to_string())
-    print(f"\nwall time {wall:.0f} s (evaluation, SPADE training included)")
+    fold_s = {f: r.get("seconds") for f, r in folds.items()}
+    print(f"\nwall time {wall:.0f} s (evaluation, SPADE training included); seconds per fold {fold_s}")
 
 
 if __name__ == "__main__":

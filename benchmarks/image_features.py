@@ -10,6 +10,15 @@ P1-TIFF / P2-TIFF (``--source tiff`` or ``both``): the same two measures on a py
     4x apart, pixel size in the resolution tags; written once by the benchmark) read through
     ``spade_sc.io.read_wsi``: no zarr in between. Goals: P1 ratio >= 0.85; P2 < 2 GB and flat for 4x the pixels.
 
+SPEED (``--speed``): throughput of the configurations of ``--speed-configs`` (default ``today,new``; the first is the
+    reference): "today" is the encoder as the package ran it before issue 16 (NCHW, eager, glibc's allocator left
+    alone), "new" the defaults (channels-last and a frozen TorchScript trace for convolutional models on CPU, the
+    allocator scope of ``spade_sc._malloc``); "channels_last", "malloc", "jit", "cl_malloc" and "new_bf16" isolate
+    changes. The first batch (which traces the model) is a warm-up outside the timed part. Model-only (preloaded
+    uint8 tensors) and end-to-end ``image_features`` (from the zarr slide, or the TIFF with ``--source tiff``) are
+    each run in a fresh process, configurations interleaved over ``--speed-repeats`` rounds; printed: patches/s, CPU
+    ms per patch (all threads; steadier than wall time on a shared machine), peak RSS, and ratios to the reference.
+
 The slides are procedural H&E-like images (a tissue ellipse with nuclei-like texture on glass), rendered chunk by
 chunk with dask and written to zarr with ``SpatialData.write`` (every pyramid level is rendered at its own
 resolution, so writing never holds a whole level in memory). ``spade_sc.datasets.synthetic`` renders ~1 Mpx/s,
@@ -19,6 +28,7 @@ too slow to write 1.6 Gpx within a benchmark run; this renderer is ~100x faster.
     python benchmarks/image_features.py --quick               # small sizes, a minute or two
     python benchmarks/image_features.py --sizes 10000 20000 --p2-tiles 64 --skip-p1
     python benchmarks/image_features.py --source tiff         # P1 / P2 from TIFFs through spade_sc.io.read_wsi
+    python benchmarks/image_features.py --speed --speed-configs today,channels_last,malloc,new --p1-spots 192
 """
 
 from __future__ import annotations
@@ -221,9 +231,12 @@ def _throughput(sdata, enc, batch_size: int, num_workers: int | None, repeats: i
     enc(x[:batch_size])  # warm-up
 
     def model_only() -> float:
+        from spade_sc._malloc import keep_freed_memory
+
         t = time.perf_counter()
-        for i in range(0, n, batch_size):
-            enc(x[i : i + batch_size])
+        with keep_freed_memory():  # as image_features runs its encoder loop
+            for i in range(0, n, batch_size):
+                enc(x[i : i + batch_size])
         return time.perf_counter() - t
 
     def end_to_end(workers: int | None) -> float:
@@ -303,9 +316,12 @@ def p1(
     enc(x[:batch_size])  # warm-up
 
     def model_only() -> float:
+        from spade_sc._malloc import keep_freed_memory
+
         t = time.perf_counter()
-        for i in range(0, n, batch_size):
-            enc(x[i : i + batch_size])
+        with keep_freed_memory():  # as image_features runs its encoder loop
+            for i in range(0, n, batch_size):
+                enc(x[i : i + batch_size])
         return time.perf_counter() - t
 
     def end_to_end(workers: int | None) -> float:
@@ -526,6 +542,125 @@ def _run_tiff(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# SPEED: today's settings vs the new defaults, every (configuration, measure) in its own fresh process
+# ---------------------------------------------------------------------------------------------------------------------
+#: name -> (get_encoder channels_last, get_encoder jit, image_features tune_malloc, get_encoder precision). "today"
+#: is the package as it ran before issue 16: NCHW, eager, glibc left alone, fp32; "new" its defaults.
+SPEED_CONFIGS = {
+    "today": (False, False, False, None),
+    "channels_last": (None, False, False, None),
+    "malloc": (False, False, True, None),
+    "jit": (False, True, False, None),
+    "cl_malloc": (None, False, None, None),
+    "new": (None, None, None, None),
+    "new_bf16": (None, None, None, "bf16"),
+}
+
+
+def _open_source(path: Path, n_spots: int):
+    """The P1 slide: a zarr store written by :func:`write_slide`, or a TIFF read through ``read_wsi`` + spots."""
+    import spatialdata
+
+    import spade_sc as sp
+
+    if path.suffix == ".tif":
+        sdata = sp.io.read_wsi(path, name="slide")
+        size = int(next(iter(sdata.images.values()))["scale0"]["image"].sizes["x"])
+        add_spots(sdata, n_spots, size, "slide")
+        return sdata, "spots"
+    return spatialdata.read_zarr(path), None
+
+
+def speed_child(config: str, measure: str, path: Path, n_spots: int, batch_size: int, encoder: str) -> dict:
+    """One measure of one configuration in this (fresh) process: patches/s and peak resident memory."""
+    import torch
+
+    import spade_sc as sp
+    from spade_sc._malloc import keep_freed_memory
+    from spade_sc.encoders import get_encoder
+
+    channels_last, jit, tune, precision = SPEED_CONFIGS[config]
+    enc = get_encoder(encoder, device="cpu", channels_last=channels_last, jit=jit, precision=precision)
+    x = torch.randint(0, 256, (n_spots, 3, enc.input_size, enc.input_size), dtype=torch.uint8)
+    enc(x[:batch_size])  # warm-up (oneDNN primitives), outside the timed part as in every configuration
+    if measure == "model":
+        t, c = time.perf_counter(), time.process_time()
+        with keep_freed_memory(tune):
+            for i in range(0, n_spots, batch_size):
+                enc(x[i : i + batch_size])
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
+    else:
+        sdata, shapes_key = _open_source(path, n_spots)
+        t, c = time.perf_counter(), time.process_time()
+        sp.pp.image_features(
+            sdata, encoder=enc, shapes_key=shapes_key, batch_size=batch_size, progress=False, inplace=False,
+            tune_malloc=tune,
+        )  # fmt: skip
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
+    return {
+        "config": config,
+        "measure": measure,
+        "patches_per_s": round(n_spots / seconds, 2),
+        # CPU time of all the process's threads: less sensitive than wall time to other jobs on a shared machine
+        "cpu_ms_per_patch": round(1e3 * cpu / n_spots, 2),
+        "peak_rss_mb": round(_vm_hwm() / 2**20),
+        "channels_last": enc.channels_last,
+        "jit": enc.jit,
+        "precision": enc.precision,
+    }
+
+
+def speed(
+    workdir: Path, source: str, configs: list[str], size: int, n_spots: int, batch_size: int, encoder: str, repeats: int
+) -> dict:
+    """Every configuration x (model-only, end-to-end), each in a fresh process, interleaved over ``repeats`` rounds."""
+    if source == "tiff":
+        path = workdir / f"speed_{size}.tif"
+        write_tiff(path, size)
+    else:
+        path = workdir / f"speed_{size}.zarr"
+        write_slide(path, size, n_spots)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in range(repeats):
+        for config in configs:
+            for measure in ("model", "e2e"):
+                cmd = [sys.executable, __file__, "--_speed-child", json.dumps([config, measure, str(path)])]
+                cmd += ["--p1-spots", str(n_spots), "--batch-size", str(batch_size), "--p1-encoder", encoder]
+                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if res.returncode != 0:
+                    print(res.stdout, res.stderr, file=sys.stderr)
+                    msg = f"speed child failed: {config} {measure}"
+                    raise RuntimeError(msg)
+                info = json.loads(res.stdout.strip().splitlines()[-1])
+                runs.setdefault((config, measure), []).append(info)
+                print(f"SPEED ({source}) round {r}: {info}", flush=True)
+    pps = {k: [i["patches_per_s"] for i in v] for k, v in runs.items()}
+    cpu = {k: [i["cpu_ms_per_patch"] for i in v] for k, v in runs.items()}
+    med = {k: float(np.median(v)) for k, v in pps.items()}
+    out: dict = {"source": source, "n_patches": n_spots, "batch_size": batch_size, "encoder": encoder}
+    out["patches_per_s"] = {f"{c}/{m}": v for (c, m), v in pps.items()}
+    out["peak_rss_mb"] = {f"{c}/{m}": max(i["peak_rss_mb"] for i in v) for (c, m), v in runs.items()}
+    # ratios within each round (the members of a round ran back to back), then the median over rounds
+    base = configs[0]
+    for config in configs[1:]:
+        for m in ("model", "e2e"):
+            ratios = [a / b for a, b in zip(pps[(config, m)], pps[(base, m)], strict=True)]
+            out[f"{config}/{base} {m}"] = round(float(np.median(ratios)), 3)
+            ratios = [b / a for a, b in zip(cpu[(config, m)], cpu[(base, m)], strict=True)]
+            out[f"{config}/{base} {m} by CPU time"] = round(float(np.median(ratios)), 3)
+    for config in configs:
+        ratios = [a / b for a, b in zip(pps[(config, "e2e")], pps[(config, "model")], strict=True)]
+        out[f"{config} e2e/model"] = round(float(np.median(ratios)), 3)
+    out["median_patches_per_s"] = {f"{c}/{m}": round(v, 2) for (c, m), v in med.items()}
+    out["cpu_ms_per_patch"] = {f"{c}/{m}": v for (c, m), v in cpu.items()}
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--p1-size", type=int, default=8192, help="side of the P1 slide (px)")
@@ -552,6 +687,18 @@ def main(argv: list[str] | None = None) -> None:
         help="small sizes: --p1-size 4096 --p1-spots 128 --p1-repeats 1 --sizes 5000 10000 --p2-tiles 64",
     )
     ap.add_argument("--_p2-child", dest="p2_child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--speed",
+        action="store_true",
+        help="only the SPEED measure: --speed-configs, model-only and end-to-end, each in a fresh process",
+    )
+    ap.add_argument(
+        "--speed-configs",
+        default="today,new",
+        help=f"comma-separated, the first is the reference; choices {', '.join(SPEED_CONFIGS)}",
+    )
+    ap.add_argument("--speed-repeats", type=int, default=3, help="interleaved rounds of the SPEED measure")
+    ap.add_argument("--_speed-child", dest="speed_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     import logging
@@ -559,6 +706,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("spade_sc").setLevel(logging.ERROR)
     if args.p2_child is not None:
         print(json.dumps(p2_child(args.p2_child, args.p2_tiles, args.batch_size, args.p2_encoder)))
+        return
+    if args.speed_child is not None:
+        config, measure, path = json.loads(args.speed_child)
+        print(json.dumps(speed_child(config, measure, Path(path), args.p1_spots, args.batch_size, args.p1_encoder)))
         return
     if args.quick:
         args.p1_size, args.p1_spots, args.sizes, args.p2_tiles, args.p1_repeats = 4096, 128, [5000, 10000], 64, 1
@@ -573,6 +724,16 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     try:
         sources = ("zarr", "tiff") if args.source == "both" else (args.source,)
+        if args.speed:
+            configs = args.speed_configs.split(",")
+            for source in sources:
+                r = speed(
+                    workdir, source, configs, args.p1_size, args.p1_spots, args.batch_size, args.p1_encoder,
+                    args.speed_repeats,
+                )  # fmt: skip
+                results[f"SPEED_{source}"] = r
+                print(f"SPEED ({source}) {json.dumps(r)}", flush=True)
+            sources = ()
         if "zarr" in sources:
             results.update(_run_zarr(args, workdir))
         if "tiff" in sources:

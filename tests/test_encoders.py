@@ -268,10 +268,12 @@ def test_options_and_device(caplog):
     enc = get_encoder(SMALL, device="cpu", input_size=64)
     assert enc.input_size == 64
     with caplog.at_level(logging.DEBUG, logger="spade_sc.encoders"):
-        enc2 = get_encoder(SMALL, device="cpu", precision="bf16", channels_last=True, input_size=64)
-    assert enc2.precision is None
-    assert enc2.channels_last is False
+        enc2 = get_encoder(SMALL, device="cpu", precision="fp16", channels_last=False, input_size=64)
+    assert enc2.precision is None  # fp16 autocast is not used on CPU
+    assert enc2.channels_last is False  # forced off
     assert "ignored" in caplog.text
+    with pytest.raises(ValueError, match="channels_last"):
+        get_encoder(SMALL, device="cpu", channels_last="yes")
     with pytest.raises(ValueError, match="precision"):
         get_encoder(SMALL, device="cpu", precision="int8")
     with pytest.raises(ValueError, match="name"):
@@ -294,6 +296,116 @@ def test_encoder_instance_passes_through(lite0, caplog):
         assert get_encoder(lite0, input_size=128) is lite0
     assert "input_size" in caplog.text
     assert lite0.input_size == 224
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memory format and precision chosen per model and device
+# ---------------------------------------------------------------------------------------------------------------------
+def _cpu_bf16_native() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _patches(n: int = 8) -> torch.Tensor:
+    return torch.cat([_natural_image(seed=s) for s in range(n)])
+
+
+def test_channels_last_default_per_model_and_device():
+    """None (default): channels-last for convolutional models on CPU, NCHW for a ViT; True / False force it."""
+    conv = get_encoder(SMALL, device="cpu", input_size=64)
+    assert conv.channels_last is True
+    assert conv.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    vit = get_encoder("vit_tiny_patch16_224", device="cpu", input_size=32, model_kwargs={"img_size": 32})
+    assert vit.channels_last is False
+    assert get_encoder(SMALL, device="cpu", input_size=64, channels_last=False).channels_last is False
+    assert get_encoder("vit_tiny_patch16_224", device="cpu", channels_last=True, input_size=32,
+                       model_kwargs={"img_size": 32}).channels_last is True  # fmt: skip
+    assert "channels_last=True" in repr(conv)
+    # the spec does not record the layout: rebuilding chooses again, or takes what it is told
+    assert Encoder.from_spec(conv.spec, device="cpu").channels_last is True
+    assert encoder_from_spec(conv.spec, device="cpu", channels_last=False).channels_last is False
+
+
+def test_channels_last_features_equal_nchw(lite0):
+    """The built-in encoder's defaults on CPU (channels-last, frozen trace) give today's eager NCHW features: cosine
+    >= 0.9999 per row, for uint8 and float input, and the caller's float tensor is never normalised in place."""
+    assert lite0.channels_last is True and lite0.jit is True
+    nchw = get_encoder(device="cpu", channels_last=False, jit=False)
+    x = _patches()
+    a, b = lite0(x), nchw(x)
+    assert F.cosine_similarity(a, b).min().item() >= 0.9999
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+    xf = x.float() / 255.0
+    kept = xf.clone()
+    assert F.cosine_similarity(lite0(xf), b).min().item() >= 0.9999
+    assert torch.equal(xf, kept)
+    small = x[:, :, :160, :160]  # resized inside: non-contiguous input, interpolated in the chosen layout
+    assert F.cosine_similarity(lite0(small), nchw(small)).min().item() >= 0.9999
+
+
+def test_jit_default_fallback_and_pickling(lite0, caplog):
+    """jit=None: a frozen trace for convolutional models on CPU in fp32 (traced at the first real batch, any batch
+    size after), eager for ViTs and with a precision; a model that cannot be traced runs eagerly; pickling drops the
+    trace, which is made again."""
+    import pickle
+
+    x = _patches(5)
+    eager = get_encoder(device="cpu", jit=False)
+    assert eager.jit is False
+    eager.warm_up()  # nothing to trace: a no-op
+    ref = eager(x)
+    fresh = get_encoder(device="cpu")
+    assert fresh._traced is None
+    fresh.warm_up()  # traced now, on white patches, before any real batch
+    assert fresh._traced is not None
+    assert F.cosine_similarity(fresh(x), ref).min().item() >= 0.9999
+    lite0(x[:3])
+    traced = lite0._traced
+    assert traced is not None
+    assert F.cosine_similarity(lite0(x), ref).min().item() >= 0.9999  # another batch size, the same trace
+    assert lite0._traced is traced
+    vit = get_encoder("vit_tiny_patch16_224", device="cpu", input_size=32, model_kwargs={"img_size": 32})
+    assert vit.jit is False
+    assert get_encoder(SMALL, device="cpu", input_size=64, precision="fp16").jit is True  # fp16 is ignored on CPU
+    with pytest.raises(ValueError, match="jit"):
+        get_encoder(SMALL, device="cpu", jit="on")
+
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.jit.is_tracing():
+                raise RuntimeError("this model cannot be traced")
+            return self.b(self.a(x)).mean((2, 3))
+
+    enc = get_encoder(Untraceable(), input_size=16, mean=(0, 0, 0), std=(1, 1, 1), name="u", device="cpu", jit=True)
+    assert enc.jit is True and enc.channels_last is True
+    with caplog.at_level(logging.DEBUG, logger="spade_sc.encoders"):
+        out = enc(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    assert out.shape == (2, 8) and enc.jit is False and "eager" in caplog.text
+    assert enc(torch.zeros(3, 3, 16, 16, dtype=torch.uint8)).shape == (3, 8)
+    back = pickle.loads(pickle.dumps(lite0))
+    assert back._traced is None and back.jit is True
+    assert F.cosine_similarity(back(x), ref).min().item() >= 0.9999
+
+
+def test_cpu_bf16_only_where_native(caplog):
+    """precision="bf16" on CPU: autocast where the processor computes bf16 natively, within the stated tolerance
+    (cosine >= 0.99 per row of fp32); elsewhere fp32 with a warning."""
+    with caplog.at_level(logging.WARNING, logger="spade_sc.encoders"):
+        enc = get_encoder(device="cpu", precision="bf16")
+    x = _patches(4)
+    ref = get_encoder(device="cpu")(x)
+    if _cpu_bf16_native():
+        assert enc.precision == "bf16" and enc.jit is False  # autocast runs eagerly
+        out = enc(x)
+        assert out.dtype == torch.float32
+        assert F.cosine_similarity(out, ref).min().item() >= 0.99
+    else:
+        assert enc.precision is None
+        assert "native bf16" in caplog.text
+        assert torch.equal(enc(x), ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

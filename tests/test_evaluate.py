@@ -403,3 +403,34 @@ def test_untrained_heads_control(cohort):
     )
     assert set(res.table["representation"]) == {"base", "untrained_heads"}
     assert np.isfinite(res.table["value"]).all()
+
+
+def test_shared_work_leaves_every_score_unchanged(cohort):
+    """Each fold computes every expert's embedding, the retrieval reference and each slide's gene moments once and
+    shares them between routings and folds: a routing scored alone gets the same scores, bit for bit, as next to
+    the others; with one expert the single-expert row is SPADE's soft routing; the folds' target genes are
+    top_variable_genes of their training tables."""
+    from spade_sc.tl._evaluate import top_variable_genes
+
+    kw = {
+        "features_key": "X_feat",
+        "tasks": ("expression", "retrieval"),
+        "n_genes": 10,
+        "gene_shots": (25,),
+        "n_draws": 2,
+        "pca": (False,),
+        "retrieval_k": 5,
+        "progress": False,
+        "fit_kwargs": {**TINY_FIT, "n_experts": 1, "max_epochs": 2},
+        "folds": {"slide0": ["slide0"], "slide1": ["slide1"]},
+    }
+    every = evaluate(cohort, representations=("spade_soft", "spade_hard", "spade_uniform", "single_expert"), **kw)
+    for rep in ("spade_hard", "spade_soft"):
+        alone = evaluate(cohort, representations=(rep,), **kw)
+        part = every.table[every.table.representation == rep].reset_index(drop=True)
+        pd.testing.assert_frame_equal(alone.table, part, check_exact=True, check_categorical=False)
+    t = every.table.set_index(["representation", "task", "fold", "shots", "draw"])["value"]
+    np.testing.assert_array_equal(t.loc["single_expert"].to_numpy(), t.loc["spade_soft"].to_numpy())
+    tables = {sid: s.tables["table"] for sid, s in cohort.items()}
+    for rec in every.protocol["folds"].values():
+        assert rec["genes"] == top_variable_genes([tables[s] for s in rec["train"]], 10)

@@ -158,6 +158,7 @@ def test_level_choice_and_uns(flat):
     assert uns["image_key"] == "img" and uns["shapes_key"] == "spots" and uns["fill"] == 255
     assert uns["mpp"] == 2.0 and uns["patch_size"] == P and uns["encoder"]["name"] == "flat"
     assert uns["image_mpp"] == 1.0 and uns["coordinate_system"] == CS and "spade_sc_version" in uns
+    assert uns["precision"] == "fp32"
     # levels at 1, 2 and 4 um/px: the coarsest level not coarser than the target (10 % tolerance) is read.
     # 1.05 um/px is within the tolerance of level 0 (1 um/px) ... 3 um/px uses level 1 (2 um/px), 4.2 -> level 2
     for target, level in [(0.5, 0), (1.0, 0), (1.05, 0), (1.95, 1), (3.0, 1), (4.2, 2)]:
@@ -412,6 +413,88 @@ def test_partly_outside_warns(flat, caplog):
         got = sp.pp.image_features(sdata, encoder=flat, mpp=1.0, patch_size=P, inplace=False, progress=False)
     assert "outside image" in caplog.text
     assert (got[1] == 1.0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the allocator scope around the encoder loop (glibc's thresholds, set within, restored after)
+# ---------------------------------------------------------------------------------------------------------------------
+def _glibc_or_skip():
+    from spade_sc import _malloc
+
+    if _malloc.malloc_tuning_available() is not None:
+        pytest.skip(f"allocator tuning unavailable here: {_malloc.malloc_tuning_available()}")
+    return _malloc
+
+
+def _mmapped(size: int) -> bool:
+    """Whether glibc serves a block of ``size`` bytes by mmap right now (mallinfo2's count of mmapped blocks)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks".split()]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblks
+    ptr = libc.malloc(size)
+    try:
+        return libc.mallinfo2().hblks > before
+    finally:
+        libc.free(ptr)
+
+
+def test_malloc_scope_keeps_large_blocks_in_the_heap_and_restores():
+    """Within the block a 200 MB allocation comes from the heap (no mmap, no page faults on reuse); after it, glibc
+    maps it again (thresholds set back); nested blocks leave it to the outermost; the switches turn it off."""
+    _malloc = _glibc_or_skip()
+    big = 200 * 2**20
+    assert _mmapped(big)
+    with _malloc.keep_freed_memory() as tuned:
+        assert tuned is True
+        assert not _mmapped(big)
+        with _malloc.keep_freed_memory(False) as inner:
+            assert inner is True  # the outermost block decides and restores
+        assert not _mmapped(big)
+    assert _mmapped(big)
+    with _malloc.keep_freed_memory(False) as tuned:
+        assert tuned is False and _mmapped(big)
+
+
+def test_malloc_scope_switched_off_or_unavailable(monkeypatch):
+    """SPADE_SC_TUNE_MALLOC=0, a user's own MALLOC_* settings or a C library that is not glibc: nothing changes and
+    the block still runs."""
+    from spade_sc import _malloc
+
+    monkeypatch.setenv("SPADE_SC_TUNE_MALLOC", "0")
+    with _malloc.keep_freed_memory() as tuned:
+        assert tuned is False
+    with _malloc.keep_freed_memory(True) as tuned:  # the argument wins over the variable
+        assert tuned is (_malloc.malloc_tuning_available() is None)
+    monkeypatch.delenv("SPADE_SC_TUNE_MALLOC")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert "environment" in _malloc.malloc_tuning_available()
+    with _malloc.keep_freed_memory(True) as tuned:
+        assert tuned is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setattr(_malloc, "_libc", None)  # as on macOS / Windows / musl
+    assert "glibc" in _malloc.malloc_tuning_available()
+    ran = False
+    with _malloc.keep_freed_memory(True) as tuned:
+        ran = True
+    assert ran and tuned is False
+
+
+def test_tune_malloc_leaves_features_unchanged(flat):
+    """image_features with and without the allocator scope: the same features, bit for bit."""
+    img = _image(size=256)
+    rng = np.random.default_rng(3)
+    sdata = _make(img, rng.uniform(20, 236, (40, 2)), chunks=64)
+    kw = {"encoder": flat, "mpp": 1.0, "patch_size": P, "inplace": False, "progress": False, "batch_size": 8}
+    on = sp.pp.image_features(sdata, tune_malloc=True, **kw)
+    off = sp.pp.image_features(sdata, tune_malloc=False, **kw)
+    np.testing.assert_array_equal(on, off)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -263,21 +263,31 @@ class LevelReader:
                 self._bytes -= entry.value.nbytes
 
     # windows -----------------------------------------------------------------------------------------------------
-    def read(self, boxes: Sequence[tuple[int, int, int, int]]) -> list[np.ndarray]:
-        """Float32 (3, y1 - y0, x1 - x0) windows for ``(y0, y1, x0, x1)`` boxes (any extent; outside -> fill)."""
+    def read(self, boxes: Sequence[tuple[int, int, int, int]], *, as_float: bool = True) -> list[np.ndarray]:
+        """Float32 (3, y1 - y0, x1 - x0) windows for ``(y0, y1, x0, x1)`` boxes (any extent; outside -> fill).
+
+        With ``as_float=False``, uint8 images (scale 1, integer fill) give uint8 windows of the same values: a
+        quarter of the bytes, for callers whose arithmetic promotes them to float32 exactly (as the resampling does).
+        """
         clipped = []
         for y0, y1, x0, x1 in boxes:
             cy0, cy1 = max(y0, 0), min(y1, self.height)
             cx0, cx1 = max(x0, 0), min(x1, self.width)
             clipped.append((cy0, cy1, cx0, cx1) if cy1 > cy0 and cx1 > cx0 else None)
         pieces = self._read_clipped([c for c in clipped if c is not None])
+        raw = not as_float and self.scale == 1.0 and self.fill == int(self.fill) and 0 <= self.fill <= 255
         out = []
         it = iter(pieces)
         for (y0, y1, x0, x1), c in zip(boxes, clipped, strict=True):
-            win = np.full((3, y1 - y0, x1 - x0), self.fill, dtype=np.float32)
-            if c is not None:
-                piece = next(it)
+            piece = next(it) if c is not None else None
+            keep = raw and (piece is None or piece.dtype == np.uint8)
+            win = np.full((3, y1 - y0, x1 - x0), self.fill, dtype=np.uint8 if keep else np.float32)
+            if piece is not None:
                 dst = win[:, c[0] - y0 : c[1] - y0, c[2] - x0 : c[3] - x0]
+                if keep:
+                    dst[...] = piece
+                    out.append(win)
+                    continue
                 np.multiply(piece, self.scale, out=dst, casting="unsafe")
                 if piece.dtype.kind == "f":
                     np.nan_to_num(dst, copy=False, nan=self.fill)
@@ -356,7 +366,7 @@ class PatchSampler:
             x0, x1, ix, wx = _taps(cx - self.side_x / 2, self.side_x / self.size, self.size)
             plans.append((iy, wy, ix, wx))
             boxes.append((y0, y1, x0, x1))
-        windows = self.reader.read(boxes)
+        windows = self.reader.read(boxes, as_float=False)
         out = np.empty((len(centres), 3, self.size, self.size), dtype=np.uint8)
         for i, (win, plan) in enumerate(zip(windows, plans, strict=True)):
             patch = _separable(win, *plan)
@@ -365,14 +375,30 @@ class PatchSampler:
         return out
 
 
+def _take(idx: np.ndarray) -> np.ndarray | slice:
+    """``idx`` as a slice when it is an arithmetic progression with a positive step, else as it is.
+
+    Taps of integer scale factors are such progressions: a slice reads the same elements as a view, not a copy.
+    """
+    n = len(idx)
+    if n > 1:
+        step = int(idx[1] - idx[0])
+        if step > 0 and idx[-1] - idx[0] == step * (n - 1) and np.array_equal(np.diff(idx), np.full(n - 1, step)):
+            return slice(int(idx[0]), int(idx[-1]) + 1, step)
+    return idx
+
+
 def _separable(win: np.ndarray, iy: np.ndarray, wy: np.ndarray, ix: np.ndarray, wx: np.ndarray) -> np.ndarray:
-    """Apply the taps of :func:`_taps` along y then x to a (3, h, w) window: (3, n_out_y, n_out_x) float32."""
-    acc = wy[None, :, 0, None] * win[:, iy[:, 0], :]
+    """Apply the taps of :func:`_taps` along y then x to a (3, h, w) window: (3, n_out_y, n_out_x) float32.
+
+    ``win`` may be float32 or uint8 (promoted exactly); taps that are slices are read as views.
+    """
+    acc = wy[None, :, 0, None] * win[:, _take(iy[:, 0]), :]
     for t in range(1, iy.shape[1]):
-        acc += wy[None, :, t, None] * win[:, iy[:, t], :]
-    out = wx[None, None, :, 0] * acc[:, :, ix[:, 0]]
+        acc += wy[None, :, t, None] * win[:, _take(iy[:, t]), :]
+    out = wx[None, None, :, 0] * acc[:, :, _take(ix[:, 0])]
     for t in range(1, ix.shape[1]):
-        out += wx[None, None, :, t] * acc[:, :, ix[:, t]]
+        out += wx[None, None, :, t] * acc[:, :, _take(ix[:, t])]
     return out
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._constants import WRITERS, Keys
-from .._sdata import resolve_key, shared_coordinate_system, table_region
+from .._sdata import microns_per_unit, resolve_key, shared_coordinate_system, table_region
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -61,12 +61,20 @@ def spatial_column(
     table_key: str | None = None,
     cmap: str | None = None,
     fill_alpha: float = 0.8,
+    spot_scale: float = 1.0,
     title: str | None = None,
+    legend_title: str | None = None,
+    scalebar: bool = True,
+    crop: bool = True,
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
 ) -> Axes | None:
-    """Shapes coloured by ``obs[key]`` of their table, over the H&E, through spatialdata-plot."""
+    """Shapes coloured by ``obs[key]`` of their table, over the H&E, through spatialdata-plot.
+
+    With ``scalebar`` (and a recorded pixel size) the axes carry a scale bar in micrometres instead of pixel ticks;
+    with ``crop`` the view is the extent of the shapes plus a margin, so that the tissue fills the figure.
+    """
     import matplotlib.pyplot as plt
     import spatialdata_plot  # noqa: F401
 
@@ -74,14 +82,37 @@ def spatial_column(
     image_key = resolve_key(sdata, "images", image_key)
     cs = shared_coordinate_system(sdata, image_key, skey)
     if ax is None:
-        _, ax = plt.subplots(figsize=(7, 7))
-    kwargs: dict[str, Any] = {"color": key, "fill_alpha": fill_alpha, "table_name": tkey}
+        _, ax = plt.subplots(figsize=(7, 6))
+    kwargs: dict[str, Any] = {"color": key, "fill_alpha": fill_alpha, "table_name": tkey, "scale": spot_scale}
+    kwargs["colorbar_params"] = {"label": legend_title or key}  # continuous values: the colour bar's title
     if cmap is not None:
         kwargs["cmap"] = cmap
+    show_kwargs: dict[str, Any] = {"title": title or key, "legend_title": legend_title or key}
+    um = microns_per_unit(sdata, cs) if scalebar else None
+    if um is not None:
+        show_kwargs |= {"scalebar_dx": um, "scalebar_units": "um", "scalebar_params": {"location": "lower right"}}
     sdata.pl.render_images(image_key).pl.render_shapes(skey, **kwargs).pl.show(
-        coordinate_systems=cs, ax=ax, title=title or key
+        coordinate_systems=cs, ax=ax, **show_kwargs
     )
+    if crop:
+        _crop_to(ax, sdata, skey, cs)
+    if um is not None:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("")
+        ax.set_ylabel("")
     return finish(ax, show, save)
+
+
+def _crop_to(ax: Axes, sdata: SpatialData, shapes_key: str, coordinate_system: str, margin: float = 0.04) -> None:
+    """Limit the view to the extent of ``shapes_key`` plus ``margin`` of its size (y axis pointing down)."""
+    from spatialdata import get_extent
+
+    extent = get_extent(sdata, elements=[shapes_key], coordinate_system=coordinate_system)
+    (x0, x1), (y0, y1) = extent["x"], extent["y"]
+    pad = margin * max(x1 - x0, y1 - y0)
+    ax.set_xlim(x0 - pad, x1 + pad)
+    ax.set_ylim(y1 + pad, y0 - pad)
 
 
 def experts(
@@ -91,6 +122,10 @@ def experts(
     shapes_key: str | None = None,
     table_key: str | None = None,
     fill_alpha: float = 0.8,
+    spot_scale: float = 1.0,
+    title: str | None = None,
+    scalebar: bool = True,
+    crop: bool = True,
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
@@ -106,6 +141,14 @@ def experts(
         Which image / shapes / table, when several.
     fill_alpha
         Opacity of the shapes.
+    spot_scale
+        Drawn size of the spots relative to their true size (below 1 shows more of the tissue).
+    title
+        Title of the axes; default ``"SPADE data experts"``.
+    scalebar
+        A scale bar in micrometres instead of pixel ticks (when the pixel size is recorded).
+    crop
+        Show the extent of the spots or tiles only, not the whole image.
     ax
         Axes to draw into.
     show
@@ -124,7 +167,11 @@ def experts(
         shapes_key=shapes_key,
         table_key=table_key,
         fill_alpha=fill_alpha,
-        title="SPADE data experts",
+        spot_scale=spot_scale,
+        title=title or "SPADE data experts",
+        legend_title="expert",
+        scalebar=scalebar,
+        crop=crop,
         ax=ax,
         show=show,
         save=save,
@@ -139,6 +186,10 @@ def routing(
     table_key: str | None = None,
     cmap: str = "viridis",
     fill_alpha: float = 0.8,
+    spot_scale: float = 1.0,
+    title: str | None = None,
+    scalebar: bool = True,
+    crop: bool = True,
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
@@ -156,6 +207,14 @@ def routing(
         Colormap.
     fill_alpha
         Opacity of the shapes.
+    spot_scale
+        Drawn size of the spots relative to their true size (below 1 shows more of the tissue).
+    title
+        Title of the axes; default ``"SPADE routing entropy"``.
+    scalebar
+        A scale bar in micrometres instead of pixel ticks (when the pixel size is recorded).
+    crop
+        Show the extent of the spots or tiles only, not the whole image.
     ax
         Axes to draw into.
     show
@@ -175,7 +234,11 @@ def routing(
         table_key=table_key,
         cmap=cmap,
         fill_alpha=fill_alpha,
-        title="routing entropy",
+        spot_scale=spot_scale,
+        title=title or "SPADE routing entropy",
+        legend_title="entropy (nats)",
+        scalebar=scalebar,
+        crop=crop,
         ax=ax,
         show=show,
         save=save,
@@ -218,6 +281,9 @@ def training_curves(
     best = getattr(model, "train_params_", {}).get("best_epoch")
     if best is not None:
         ax.axvline(best, color="grey", ls="--", lw=1, label=f"best epoch ({best})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("contrastive loss")
     ax.legend(frameon=False)

@@ -425,11 +425,15 @@ def top_variable_genes(
             shared &= set(t.var_names)
         genes = sorted(shared)
     genes = list(genes)
+    return _most_variable(genes, [_log1p_moments(t, genes) for t in tables], n_genes)
+
+
+def _most_variable(genes: list[str], moments: Sequence[tuple[np.ndarray, np.ndarray, int]], n_genes: int) -> list[str]:
+    """The ``n_genes`` genes of highest variance from per-table moments (:func:`_log1p_moments`), pooled in order."""
     s1 = np.zeros(len(genes))
     s2 = np.zeros(len(genes))
     n = 0
-    for t in tables:
-        a, b, m = _log1p_moments(t, genes)
+    for a, b, m in moments:
         s1 += a
         s2 += b
         n += m
@@ -454,34 +458,52 @@ def _fold_seed(seed: int, *parts: int) -> np.random.Generator:
 # --------------------------------------------------------------------------------------------------------------------
 # retrieval
 # --------------------------------------------------------------------------------------------------------------------
+def _topk_rows(sims: np.ndarray, ref_values: np.ndarray, k: int) -> np.ndarray:
+    """The mean of ``ref_values`` over the ``k`` most similar reference rows of every row of ``sims``."""
+    kk = min(k, sims.shape[1])
+    top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+    return ref_values[top].mean(1)
+
+
 def _topk_mean(sim_chunks, ref_values: np.ndarray, k: int) -> np.ndarray:
-    out = []
-    for s in sim_chunks:
-        kk = min(k, s.shape[1])
-        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        out.append(ref_values[top].mean(1))
+    out = [_topk_rows(s, ref_values, k) for s in sim_chunks]
     return np.concatenate(out) if out else np.zeros((0, ref_values.shape[1]))
 
 
-def _joint_similarity_chunks(
-    model: SpadeModel, features: np.ndarray, ref_gene_input: np.ndarray, routing: str, chunk: int = 1024
-):
-    """Query image embedding vs reference gene embedding, per expert, weighted by the query's routing."""
+def _joint_topk_means(
+    model: SpadeModel,
+    features: np.ndarray,
+    ref_gene_input: np.ndarray,
+    ref_values: np.ndarray,
+    routings: Sequence[str],
+    k: int,
+    chunk: int = 1024,
+) -> dict[str, np.ndarray]:
+    """Retrieval in the joint space under each of ``routings``: ``{routing: (n_query, n_values) top-k means}``.
+
+    The query's expert image embeddings and the references' gene embeddings are computed once, whatever the number
+    of routings; only the mixing weights differ (query chunk by query chunk, so memory stays bounded).
+    """
     import torch
 
-    weights = model.routing_weights(features, routing)
+    weights = {r: model.routing_weights(features, r) for r in routings}
+    cosine = model.init_params_["loss"] == "infonce"
+    parts: dict[str, list[np.ndarray]] = {r: [] for r in routings}
     model.module.eval()
     with torch.no_grad():
         g = model.module.gene_embed_all(torch.as_tensor(np.asarray(ref_gene_input, dtype=np.float32)))
-        if model.init_params_["loss"] == "infonce":
+        if cosine:
             g = torch.nn.functional.normalize(g, dim=-1)
         for start in range(0, len(features), chunk):
             f = model.module.image_embed_all(torch.as_tensor(np.asarray(features[start : start + chunk], np.float32)))
-            if model.init_params_["loss"] == "infonce":
+            if cosine:
                 f = torch.nn.functional.normalize(f, dim=-1)
-            w = torch.as_tensor(weights[start : start + chunk])
-            # (q, K, d) x (r, K, d) -> (q, r): sum_k w_qk <f_k(x_q), g_k(y_r)>
-            yield torch.einsum("qkd,rkd,qk->qr", f, g, w).numpy()
+            for r in routings:
+                w = torch.as_tensor(weights[r][start : start + chunk])
+                # (q, K, d) x (r, K, d) -> (q, r): sum_k w_qk <f_k(x_q), g_k(y_r)>
+                parts[r].append(_topk_rows(torch.einsum("qkd,rkd,qk->qr", f, g, w).numpy(), ref_values, k))
+    empty = np.zeros((0, ref_values.shape[1]))
+    return {r: np.concatenate(p) if p else empty for r, p in parts.items()}
 
 
 def _cosine_chunks(query: np.ndarray, ref: np.ndarray, chunk: int = 1024):
@@ -573,7 +595,7 @@ def predict_expression(
     if len(ref_y_arr) == 0:
         msg = "The reference holds no spots."
         raise ValueError(msg)
-    pred = _topk_mean(_joint_similarity_chunks(model, feats, ref_in_arr, routing), ref_y_arr, k).astype(np.float32)
+    pred = _joint_topk_means(model, feats, ref_in_arr, ref_y_arr, [routing], k)[routing].astype(np.float32)
     if not inplace:
         return pred
     table.obsm[key_added] = pred
@@ -633,6 +655,21 @@ class _Cohort:
     @cached_property
     def tables(self) -> dict[str, AnnData]:
         return {s: spots.table for s, spots in self.spots.items()}
+
+    @cached_property
+    def shared_genes(self) -> list[str]:
+        """The genes every slide holds, sorted: the candidates of every fold's target genes."""
+        return sorted(set.intersection(*[set(t.var_names) for t in self.tables.values()]))
+
+    @cached_property
+    def _moments(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        return {}
+
+    def gene_moments(self, slide: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """Per-gene sums of log1p expression of a slide over :attr:`shared_genes`: once per call, for every fold."""
+        if slide not in self._moments:
+            self._moments[slide] = _log1p_moments(self.tables[slide], self.shared_genes)
+        return self._moments[slide]
 
 
 @dataclass(frozen=True)
@@ -1133,17 +1170,72 @@ def _model_of(rep: str) -> str:
     return "single_expert" if rep == "single_expert" else "spade"
 
 
+def _spade_routings(
+    representations: Sequence[str], models: Mapping[str, SpadeModel]
+) -> dict[str, tuple[SpadeModel, dict[str, str]]]:
+    """The fold's distinct trained models and, for each, ``{representation: routing}`` of the SPADE representations.
+
+    Keyed by the first model name; ``single_expert`` joins ``spade`` when both are the same model.
+    """
+    out: dict[str, tuple[SpadeModel, dict[str, str]]] = {}
+    for rep in representations:
+        if rep not in _SPADE_ROUTING:
+            continue
+        m = models[_model_of(rep)]
+        name = next((n for n, (other, _) in out.items() if other is m), _model_of(rep))
+        out.setdefault(name, (m, {}))[1][rep] = _SPADE_ROUTING[rep]
+    return out
+
+
+def _mixture_embeddings(
+    model: SpadeModel, feats: Mapping[str, np.ndarray], routings: Sequence[str]
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{routing: {slide: embedding}}``: :meth:`SpadeModel.get_image_embedding` under several routings at once.
+
+    Every expert's embedding of a slide is computed once and mixed by each routing's weights, chunk by chunk as
+    :func:`spade_sc.model._routing.mixture_embed` does (the same arithmetic, so the same numbers).
+    """
+    import torch
+
+    from ..model._routing import DEFAULT_CHUNK_SIZE
+
+    module = model.module.eval()
+    param = next(module.parameters())
+    out: dict[str, dict[str, np.ndarray]] = {r: {} for r in routings}
+    for sid, x in feats.items():
+        x = np.asarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            msg = "features hold NaN or infinite values."
+            raise ValueError(msg)
+        weights = {r: torch.as_tensor(model.routing_weights(x, r)) for r in routings}
+        xt = torch.as_tensor(x)
+        chunks: dict[str, list[torch.Tensor]] = {r: [] for r in routings}
+        with torch.no_grad():
+            for start in range(0, len(x), DEFAULT_CHUNK_SIZE):
+                every = module.image_embed_all(xt[start : start + DEFAULT_CHUNK_SIZE].to(device=param.device))
+                for r in routings:
+                    w = weights[r][start : start + DEFAULT_CHUNK_SIZE].to(device=param.device, dtype=param.dtype)
+                    chunks[r].append((w.unsqueeze(-1) * every).sum(dim=1).to(xt.device))
+        for r in routings:
+            emb = torch.cat(chunks[r]) if chunks[r] else torch.zeros(0, module.proj_dim, dtype=param.dtype)
+            out[r][sid] = emb.numpy().astype(np.float32)
+    return out
+
+
 def _fold_representations(
     data: _Cohort, settings: _Settings, models: Mapping[str, SpadeModel]
 ) -> dict[str, dict[str, np.ndarray]]:
     """Every representation of every spot in this fold: ``{representation: {slide: (n_spots, d)}}``."""
+    spade: dict[str, dict[str, np.ndarray]] = {}
+    for m, routing_of in _spade_routings(settings.representations, models).values():
+        by_routing = _mixture_embeddings(m, data.feats, list(dict.fromkeys(routing_of.values())))
+        spade.update({rep: by_routing[r] for rep, r in routing_of.items()})
     reps: dict[str, dict[str, np.ndarray]] = {}
     for rep in settings.representations:
         if rep in data.fixed:
             reps[rep] = data.fixed[rep]
         elif rep in _SPADE_ROUTING:
-            m = models[_model_of(rep)]
-            reps[rep] = {s: m.get_image_embedding(x, _SPADE_ROUTING[rep])[0] for s, x in data.feats.items()}
+            reps[rep] = spade[rep]
         else:
             reps[rep] = {s: np.asarray(t.obsm[rep], dtype=np.float32) for s, t in data.tables.items()}
     return reps
@@ -1205,6 +1297,7 @@ class _Targets:
 def _expression_fold(fold: _Fold) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """(score rows, per-gene rows, protocol record) of protocols 3 (ridge, with / without PCA) and 5 (retrieval)."""
     targets, rec = _expression_targets(fold)
+    joint = _joint_predictions(fold, targets) if "retrieval" in fold.settings.tasks else {}
     rows: list[dict[str, Any]] = []
     gene_rows: list[dict[str, Any]] = []
     for rep in fold.settings.representations:
@@ -1215,7 +1308,7 @@ def _expression_fold(fold: _Fold) -> tuple[list[dict[str, Any]], list[dict[str, 
                 rows += r
                 gene_rows += g
         if "retrieval" in fold.settings.tasks:
-            r, g = _retrieval_scores(fold, targets, rep, x_tr, x_te)
+            r, g = _retrieval_scores(fold, targets, rep, x_tr, x_te, joint.get(rep))
             rows += r
             gene_rows += g
     return rows, gene_rows, rec
@@ -1224,11 +1317,11 @@ def _expression_fold(fold: _Fold) -> tuple[list[dict[str, Any]], list[dict[str, 
 def _expression_targets(fold: _Fold) -> tuple[_Targets, dict[str, Any]]:
     """The targets of a fold and their record; the held-out slides' expression is read for the scores only."""
     s, tables = fold.settings, fold.cohort.tables
-    # target genes: the most variable of the training slides, among the names every slide holds
-    shared = set.intersection(*[set(t.var_names) for t in tables.values()])
-    selection = {sid: tables[sid] for sid in fold.train}
-    genes = top_variable_genes(list(selection.values()), s.n_genes, genes=sorted(shared))
-    rec: dict[str, Any] = {"gene_selection_slides": list(selection), "genes": genes}
+    # target genes: the most variable of the training slides, among the names every slide holds (the moments of
+    # each slide are computed once per call: the same as top_variable_genes over the training tables)
+    cohort = fold.cohort
+    genes = _most_variable(cohort.shared_genes, [cohort.gene_moments(sid) for sid in fold.train], s.n_genes)
+    rec: dict[str, Any] = {"gene_selection_slides": list(fold.train), "genes": genes}
     y_tr = np.concatenate([gene_matrix(tables[sid], genes, gene_input="log1p") for sid in fold.train])
     y_te = np.concatenate([gene_matrix(tables[sid], genes, gene_input="log1p") for sid in fold.test])
     groups = np.concatenate([np.full(tables[sid].n_obs, sid, dtype=object) for sid in fold.train])
@@ -1272,20 +1365,32 @@ def _ridge_scores(
     return rows, gene_rows
 
 
-def _retrieval_scores(
-    fold: _Fold, targets: _Targets, rep: str, x_tr: np.ndarray, x_te: np.ndarray
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Protocol 5 for one representation: SPADE's joint space for its own representations, else cosine."""
-    if rep in _SPADE_ROUTING:
-        m = fold.models[_model_of(rep)]
+def _joint_predictions(fold: _Fold, targets: _Targets) -> dict[str, np.ndarray]:
+    """Retrieval predictions of every SPADE representation in the joint space, ``{representation: prediction}``.
+
+    Per distinct model of the fold, the reference spots' gene input and embeddings and the held-out spots' expert
+    embeddings are computed once for all its routings.
+    """
+    query = np.concatenate([fold.cohort.feats[s] for s in fold.test])
+    out: dict[str, np.ndarray] = {}
+    for m, routing_of in _spade_routings(fold.settings.representations, fold.models).values():
         ref_in = np.concatenate([model_gene_input(m, fold.cohort.tables[s]) for s in fold.train])
-        query = np.concatenate([fold.cohort.feats[s] for s in fold.test])
-        sims = _joint_similarity_chunks(m, query, ref_in, _SPADE_ROUTING[rep])
-    else:
-        sims = _cosine_chunks(x_te, x_tr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        pred = _topk_mean(sims, targets.y_tr, fold.settings.retrieval_k)
+        routings = list(dict.fromkeys(routing_of.values()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            preds = _joint_topk_means(m, query, ref_in, targets.y_tr, routings, fold.settings.retrieval_k)
+        out.update({rep: preds[r] for rep, r in routing_of.items()})
+    return out
+
+
+def _retrieval_scores(
+    fold: _Fold, targets: _Targets, rep: str, x_tr: np.ndarray, x_te: np.ndarray, pred: np.ndarray | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Protocol 5 for one representation: SPADE's joint space (``pred``, computed for its routings), else cosine."""
+    if pred is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pred = _topk_mean(_cosine_chunks(x_te, x_tr), targets.y_tr, fold.settings.retrieval_k)
     scores = [(pearson_per_gene(targets.y_te, pred), len(targets.y_tr), np.nan)]
     return _gene_scores(scores, rep=rep, task="retrieval", shot=ALL, **targets.common(fold))
 
