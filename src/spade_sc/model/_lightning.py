@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
-from .._validation import check_int
+from .._validation import MIN_PAIRS, check_int
 from ._experts import BatchedExperts
 from ._losses import make_loss
 from ._mil import discrete_time_nll
@@ -203,6 +203,64 @@ class PairsDataModule(L.LightningDataModule):
         return make_dataloader(self.val, shuffle=False, **self.kwargs)
 
 
+def _listed(experts: np.ndarray, counts: np.ndarray) -> str:
+    """``"3 (1 pair), 5 (0 pairs)"``: experts and their pair counts, for a log line."""
+    return ", ".join(f"{k} ({counts[k]} pair{'' if counts[k] == 1 else 's'})" for k in experts)
+
+
+def report_small_experts(train: np.ndarray, val: np.ndarray | None, n_experts: int, batch_size: int) -> None:
+    """Log the experts that get fewer training (or validation) pairs than they need, and what training does.
+
+    - fewer than 2 training pairs (:data:`~spade_sc._validation.MIN_PAIRS`, the smallest contrastive batch):
+      WARNING; the expert is skipped by :class:`ExpertBatchSampler` and its heads keep their initial random weights;
+    - fewer than ``batch_size`` training pairs: INFO; the expert trains on one smaller batch per epoch (fewer
+      in-batch negatives, one optimiser step per epoch);
+    - fewer than 2 validation pairs: INFO; the expert has no validation loss of its own (the best epoch is chosen on
+      the others' pairs).
+
+    Parameters
+    ----------
+    train, val
+        Expert index of every training / validation pair (``val`` None: no validation).
+    n_experts
+        Number of experts.
+    batch_size
+        Pairs per single-expert batch.
+    """
+    n = np.bincount(np.asarray(train, dtype=np.int64), minlength=n_experts)
+    untrained = np.flatnonzero(n < MIN_PAIRS)
+    if untrained.size:
+        logger.warning(
+            "Data expert(s) %s of %d get fewer than %d training pairs, the smallest contrastive batch: they are "
+            "skipped, and their heads keep their random initial weights (spots routed to them at inference get an "
+            "untrained embedding). Lower n_experts, or add slides.",
+            _listed(untrained, n),
+            n_experts,
+            MIN_PAIRS,
+        )
+    small = np.flatnonzero((n >= MIN_PAIRS) & (n < batch_size))
+    if small.size:
+        logger.info(
+            "Data expert(s) %s of %d get fewer training pairs than batch_size=%d: each trains on one batch of all its "
+            "pairs per epoch (fewer in-batch negatives and one optimiser step per epoch).",
+            _listed(small, n),
+            n_experts,
+            batch_size,
+        )
+    if val is None:
+        return
+    m = np.bincount(np.asarray(val, dtype=np.int64), minlength=n_experts)
+    unvalidated = np.flatnonzero(m < MIN_PAIRS)
+    if unvalidated.size:
+        logger.info(
+            "Data expert(s) %s of %d get fewer than %d validation pairs: they have no validation loss of their own "
+            "(None in the history's val_loss_per_expert); the best epoch is chosen on the other experts' pairs.",
+            _listed(unvalidated, m),
+            n_experts,
+            MIN_PAIRS,
+        )
+
+
 def _unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if isinstance(batch, Mapping):
         missing = [k for k in _BATCH_KEYS if k not in batch]
@@ -250,8 +308,11 @@ class SpadeLightningModule(L.LightningModule):
     Attributes
     ----------
     history : list of dict
-        One entry per training epoch: ``{"epoch", "train_loss", "val_loss"}`` (sample-weighted epoch means over all
-        processes; ``None`` when not computed). The sanity-check validation pass is not recorded.
+        One entry per training epoch: ``{"epoch", "train_loss", "val_loss", "train_loss_per_expert",
+        "val_loss_per_expert"}`` (sample-weighted epoch means over all processes; ``None`` when not computed). The
+        per-expert entries are lists of one loss per expert (the mean over that expert's rows of its within-expert
+        loss, ``None`` for an expert without rows that epoch); their row-weighted mean is ``train_loss`` /
+        ``val_loss``. The sanity-check validation pass is not recorded.
     best_epoch : int or None
         Epoch of the lowest validation loss (None without validation).
     best_val_loss : float or None
@@ -259,10 +320,15 @@ class SpadeLightningModule(L.LightningModule):
 
     Notes
     -----
-    The history and the best epoch live in the buffers ``loss_history`` and ``best_epoch_loss`` (float32, so the
-    module moves to any device), so they travel with the state dict: Lightning's spawning strategies
-    (``"ddp_spawn"``, ``"ddp_notebook"``) hand only the state dict of rank 0 back to the calling process, and the
-    best weights are restored in :meth:`on_fit_end`, inside the processes, for the same reason.
+    The history and the best epoch live in the buffers ``loss_history``, ``expert_loss_history`` and
+    ``best_epoch_loss`` (float32, so the module moves to any device), so they travel with the state dict:
+    Lightning's spawning strategies (``"ddp_spawn"``, ``"ddp_notebook"``) hand only the state dict of rank 0 back to
+    the calling process, and the best weights are restored in :meth:`on_fit_end`, inside the processes, for the same
+    reason.
+
+    The per-expert losses of a step are its experts' losses computed one expert at a time, without gradients, on the
+    embeddings the step computed (a step of one expert costs nothing more; a step of ``E`` experts costs ``E`` small
+    loss evaluations, no extra forward pass through the heads).
     """
 
     def __init__(
@@ -294,20 +360,40 @@ class SpadeLightningModule(L.LightningModule):
         else:
             self.loss_fn = make_loss(loss, temperature=temperature, init_temperature=init_temperature)
         self.register_buffer("loss_history", torch.full((max_epochs, 2), float("nan")))
+        self.register_buffer("expert_loss_history", torch.full((max_epochs, 2, experts.n_experts), float("nan")))
         self.register_buffer("best_epoch_loss", torch.full((2,), float("nan")))
         self._best_state: dict[str, dict[str, torch.Tensor]] | None = None
         # per stage: the step losses (left on the device: no host sync per step) and the rows of each step
         self._steps: dict[str, tuple[list[torch.Tensor], list[int]]] = {"train": ([], []), "val": ([], [])}
+        # per stage: (2, K) per step, the loss times the rows of every expert and its rows (zeros where absent)
+        self._expert_steps: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One dict per epoch run: ``{"epoch", "train_loss", "val_loss"}`` (None where not computed)."""
+        """One dict per epoch run (see the class's Attributes); None where not computed.
+
+        Keys: ``epoch``, ``train_loss``, ``val_loss``, ``train_loss_per_expert`` and ``val_loss_per_expert`` (a list
+        with one loss per expert, None for an expert without rows that epoch).
+        """
         rows = self.loss_history.detach().cpu().double().tolist()
+        per_expert = self.expert_loss_history.detach().cpu().double().tolist()
         ran = [i for i, row in enumerate(rows) if not all(np.isnan(row))]
         out = []
         for epoch in range(ran[-1] + 1 if ran else 0):
             train, val = (None if np.isnan(v) else v for v in rows[epoch])
-            out.append({"epoch": epoch, "train_loss": train, "val_loss": val})
+            train_k, val_k = (
+                None if all(np.isnan(values)) else [None if np.isnan(v) else v for v in values]
+                for values in per_expert[epoch]
+            )
+            out.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train,
+                    "val_loss": val,
+                    "train_loss_per_expert": train_k,
+                    "val_loss_per_expert": val_k,
+                }
+            )
         return out
 
     @property
@@ -352,7 +438,29 @@ class SpadeLightningModule(L.LightningModule):
         losses, rows = self._steps[stage]
         losses.append(loss.detach())
         rows.append(n)
+        self._expert_steps[stage].append(self._expert_sums(image_emb, gene_emb, expert_idx, loss))
         return loss
+
+    def _expert_sums(
+        self, image_emb: torch.Tensor, gene_emb: torch.Tensor, expert_idx: torch.Tensor, loss: torch.Tensor
+    ) -> torch.Tensor:
+        """``(2, K)``: each expert's loss in this step times its rows, and its rows (zeros where absent); no grad.
+
+        A step of one expert reuses the step loss; otherwise each expert's loss is evaluated on its own rows of the
+        embeddings already computed (the step loss is their row-weighted mean).
+        """
+        out = torch.zeros(2, self.experts.n_experts, device=loss.device)
+        with torch.no_grad():
+            present, inverse, counts = torch.unique(expert_idx.to(loss.device), return_inverse=True, return_counts=True)
+            if present.numel() == 1:
+                values = loss.detach().float().reshape(1)
+            else:
+                image_emb, gene_emb = image_emb.detach(), gene_emb.detach()
+                parts = torch.split(torch.argsort(inverse, stable=True), counts.tolist())
+                values = torch.stack([self.loss_fn(image_emb[p], gene_emb[p]).float() for p in parts])
+            out[0, present] = values * counts
+            out[1, present] = counts.float()
+        return out
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Contrastive loss of one step (within each expert's rows); logs ``train_loss`` (epoch mean over rows).
@@ -391,10 +499,19 @@ class SpadeLightningModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         """Reset the running training loss."""
         self._steps["train"] = ([], [])
+        self._expert_steps["train"] = []
 
     def on_validation_epoch_start(self) -> None:
         """Reset the running validation loss."""
         self._steps["val"] = ([], [])
+        self._expert_steps["val"] = []
+
+    def on_fit_start(self) -> None:
+        """Log the experts with too few training or validation pairs, and what training does about them."""
+        data = getattr(self.trainer, "datamodule", None)
+        if isinstance(data, PairsDataModule) and self.trainer.is_global_zero:
+            val = None if data.val is None else data.val.expert_idx.numpy()
+            report_small_experts(data.train.expert_idx.numpy(), val, self.experts.n_experts, data.kwargs["batch_size"])
 
     def _epoch_mean(self, stage: str) -> float:
         """Row-weighted mean loss of the epoch; training sums are added over processes (validation is not sharded)."""
@@ -407,17 +524,33 @@ class SpadeLightningModule(L.LightningModule):
             total, n = (float(v) for v in sums.cpu())
         return total / n if n else float("nan")
 
-    def _record(self, column: int, value: float) -> None:
+    def _expert_epoch_means(self, stage: str) -> torch.Tensor:
+        """``(K,)`` row-weighted mean loss of every expert over the epoch (NaN without rows).
+
+        Training sums are added over processes, as in :meth:`_epoch_mean`.
+        """
+        steps = self._expert_steps[stage]
+        sums = torch.stack(steps).sum(0) if steps else torch.zeros(2, self.experts.n_experts, device=self.device)
+        trainer = self.trainer
+        if stage == "train" and trainer.world_size > 1:
+            sums = trainer.strategy.reduce(sums.to(self.device), reduce_op="sum")
+        sums = sums.detach().cpu().double()
+        return torch.where(sums[1] > 0, sums[0] / sums[1].clamp(min=1), torch.full_like(sums[0], float("nan")))
+
+    def _record(self, column: int, value: float, per_expert: torch.Tensor) -> None:
         epoch = int(self.current_epoch)
         if epoch >= self.loss_history.shape[0]:  # the Trainer runs more epochs than the schedule's max_epochs
-            grown = torch.full((epoch + 1, 2), float("nan"), device=self.loss_history.device)
-            grown[: self.loss_history.shape[0]] = self.loss_history
-            self.loss_history = grown
+            for name in ("loss_history", "expert_loss_history"):
+                old = getattr(self, name)
+                grown = torch.full((epoch + 1, *old.shape[1:]), float("nan"), device=old.device)
+                grown[: old.shape[0]] = old
+                setattr(self, name, grown)
         self.loss_history[epoch, column] = value
+        self.expert_loss_history[epoch, column] = per_expert.to(self.expert_loss_history)
 
     def on_train_epoch_end(self) -> None:
-        """Record the epoch's mean training loss in :attr:`history`."""
-        self._record(0, self._epoch_mean("train"))
+        """Record the epoch's mean training loss (overall and per expert) in :attr:`history`."""
+        self._record(0, self._epoch_mean("train"), self._expert_epoch_means("train"))
 
     def on_validation_epoch_end(self) -> None:
         """Record the epoch's mean validation loss in :attr:`history`; remember the best weights.
@@ -428,7 +561,7 @@ class SpadeLightningModule(L.LightningModule):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         loss = self._epoch_mean("val")
-        self._record(1, loss)
+        self._record(1, loss, self._expert_epoch_means("val"))
         best = self.best_val_loss
         if self.hparams.restore_best and not np.isnan(loss) and (best is None or loss < best):
             self.best_epoch_loss.copy_(torch.tensor([self.current_epoch, loss]))
@@ -520,6 +653,11 @@ class EpochCheckpoint(Checkpoint):
         device = pl_module.device
         module = {k.split(".", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith("module.")}
         pl_module.loss_history = torch.empty_like(module["loss_history"])
+        if hasattr(pl_module, "expert_loss_history"):
+            if "expert_loss_history" not in module:  # a checkpoint written before per-expert losses were recorded
+                shape = (module["loss_history"].shape[0], *pl_module.expert_loss_history.shape[1:])
+                module["expert_loss_history"] = torch.full(shape, float("nan"), device=device)
+            pl_module.expert_loss_history = torch.empty_like(module["expert_loss_history"])
         pl_module.load_state_dict(module, strict=True)
         pl_module.set_best_state(unflatten_state(record["best_state"], tensors))
         trainer.optimizers[0].load_state_dict(unflatten_state(record["optimizer"], tensors))
@@ -622,16 +760,29 @@ class MILLightningModule(L.LightningModule):
         (discrete-time survival, targets ``bin`` and ``event``).
     lr, weight_decay
         AdamW.
+    generator
+        The generator of the bag sampler (``loader.sampler.generator`` of :func:`make_bag_dataloader`), whose state
+        runs on from epoch to epoch: kept in the buffer ``sampler_state`` at the end of every epoch and put back at
+        the start of training, so that a training resumed from an :class:`EpochCheckpoint` draws the same bags.
 
     Attributes
     ----------
     history : list of float
-        Mean training loss of every epoch.
+        Mean training loss of every epoch (kept in the buffer ``loss_history``, float32, so that it travels with the
+        state dict and the checkpoints).
     """
 
     LOSSES = ("bce", "ce", "nll")
 
-    def __init__(self, net: torch.nn.Module, *, loss: str, lr: float, weight_decay: float) -> None:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        *,
+        loss: str,
+        lr: float,
+        weight_decay: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         if loss not in self.LOSSES:
             msg = f"loss={loss!r}; choose one of {self.LOSSES}."
@@ -640,8 +791,28 @@ class MILLightningModule(L.LightningModule):
         self.loss_kind = loss
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
-        self.history: list[float] = []
+        self._generator = generator
+        self.register_buffer("loss_history", torch.zeros(0))
+        state = generator.get_state() if generator is not None else torch.zeros(0, dtype=torch.uint8)
+        self.register_buffer("sampler_state", state.clone())
         self._epoch_losses: list[float] = []
+
+    @property
+    def history(self) -> list[float]:
+        """Mean training loss of every epoch run."""
+        return [float(v) for v in self.loss_history.detach().cpu()]
+
+    def best_state(self) -> None:
+        """None: MIL training keeps the last epoch (the :class:`EpochCheckpoint` interface)."""
+        return None
+
+    def set_best_state(self, state: Any) -> None:
+        """Nothing to restore: MIL training keeps the last epoch (the :class:`EpochCheckpoint` interface)."""
+
+    def on_train_start(self) -> None:
+        """Put the bag sampler's generator in the state of ``sampler_state`` (a checkpoint's, when resuming)."""
+        if self._generator is not None and self.sampler_state.numel():
+            self._generator.set_state(self.sampler_state.detach().cpu())
 
     def _loss(self, logits: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.loss_kind == "bce":
@@ -660,10 +831,13 @@ class MILLightningModule(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """Record the epoch's mean loss in :attr:`history`."""
+        """Record the epoch's mean loss in :attr:`history` and the bag sampler's state in ``sampler_state``."""
         if self._epoch_losses:
-            self.history.append(float(np.mean(self._epoch_losses)))
+            mean = torch.tensor([float(np.mean(self._epoch_losses))], device=self.loss_history.device)
+            self.loss_history = torch.cat([self.loss_history, mean.to(self.loss_history)])
         self._epoch_losses = []
+        if self._generator is not None:
+            self.sampler_state = self._generator.get_state().to(self.sampler_state.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over all parameters."""

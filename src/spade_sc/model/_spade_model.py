@@ -266,6 +266,11 @@ class SpadeModel:
             "validation_groups": validation,
             "n_train_pairs": len(train_ds),
             "n_validation_pairs": 0 if val_ds is None else len(val_ds),
+            # per expert (pl.expert_diagnostics): pairs of the training and of the validation groups
+            "n_train_pairs_per_expert": np.bincount(train_ds.expert_idx.numpy(), minlength=self.n_experts).tolist(),
+            "n_validation_pairs_per_expert": None
+            if val_ds is None
+            else np.bincount(val_ds.expert_idx.numpy(), minlength=self.n_experts).tolist(),
             "torch_threads": int(threads),
         }
         self.is_trained_ = True

@@ -45,6 +45,8 @@ def quiet_lightning(quiet: bool) -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        # no validation pairs: PairsDataModule.val_dataloader returns [] on purpose
+        warnings.filterwarnings("ignore", message=r".*Total length of `list` across ranks is zero.*")
         if quiet:
             for lg in loggers:
                 lg.setLevel(logging.WARNING)

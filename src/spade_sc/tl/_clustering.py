@@ -17,7 +17,7 @@ import pandas as pd
 
 from .._constants import Keys
 from .._sdata import as_cohort, check_finite, check_same_dimension, features_matrix, resolve_table
-from .._validation import check_int, check_ints, uns_safe
+from .._validation import MIN_PAIRS, check_int, check_ints, uns_safe
 from ..model._kmeans import ALL_TISSUES, N_INIT_STEP1, DataExperts, _groups, _kmeans, _n_rows, _step2, two_step_kmeans
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ logger = logging.getLogger("spade_sc")
 Tables = Mapping[str, tuple[str, "AnnData"]]
 
 
-def _slide_tissues(tables: Tables, slides: Mapping[str, SpatialData], tissue_key: str | None) -> dict[str, np.ndarray]:
+def slide_tissues(tables: Tables, slides: Mapping[str, SpatialData], tissue_key: str | None) -> dict[str, np.ndarray]:
     """Tissue of every row of every table, from an obs column or a per-slide attribute."""
     if tissue_key is None:
         return {sid: np.full(t.n_obs, ALL_TISSUES) for sid, (_, t) in tables.items()}
@@ -104,7 +104,8 @@ def experts_of_tables(
 ) -> tuple[DataExperts, dict[str, np.ndarray] | None]:
     """The core of :func:`build_experts` on resolved tables and checked features; writes nothing.
 
-    Returns the experts and, with ``assign``, the expert of every row of every table.
+    Returns the experts and, with ``assign``, the expert of every row of every table; logs the spots per expert
+    (INFO) and the experts with fewer spots than a contrastive batch needs (WARNING, see :func:`log_expert_sizes`).
     """
     features, tissues, order = _sorted_by_tissue(tables, slides, feats, tissue_key)
     experts, labels_sorted = two_step_kmeans(
@@ -121,7 +122,36 @@ def experts_of_tables(
     labels = np.empty_like(labels_sorted)
     labels[order] = labels_sorted
     bounds = np.cumsum([0, *(t.n_obs for _, t in tables.values())])
+    log_expert_sizes(labels, experts.n_experts)
     return experts, {sid: labels[bounds[i] : bounds[i + 1]] for i, sid in enumerate(tables)}
+
+
+def log_expert_sizes(labels: np.ndarray, n_experts: int) -> None:
+    """Log the cohort's spots per expert (INFO) and the experts too small to train (WARNING).
+
+    An expert with fewer than 2 spots (:data:`~spade_sc._validation.MIN_PAIRS`) can never form a contrastive batch:
+    :func:`spade_sc.tl.fit` cannot train it, and its heads keep their random initial weights. Training logs again,
+    per expert, what it does with the pairs of the training slides (see ``spade_sc.model._lightning``).
+    """
+    counts = np.bincount(labels, minlength=n_experts)
+    logger.info(
+        "data experts: spots per expert %s (smallest: expert %d, %d spot(s))",
+        counts.tolist(),
+        int(counts.argmin()),
+        int(counts.min()),
+    )
+    small = np.flatnonzero(counts < MIN_PAIRS)
+    if small.size:
+        logger.warning(
+            "Data expert(s) %s of %d hold fewer than %d spots of the cohort (%s): a contrastive batch needs %d pairs "
+            "of one expert, so spade_sc.tl.fit cannot train them and their heads would keep their random initial "
+            "weights. Lower n_experts.",
+            small.tolist(),
+            n_experts,
+            MIN_PAIRS,
+            counts[small].tolist(),
+            MIN_PAIRS,
+        )
 
 
 def _sorted_by_tissue(
@@ -132,7 +162,7 @@ def _sorted_by_tissue(
     Features are ``(N, D)`` float32, each tissue a contiguous block; ``features[i]`` is row ``order[i]`` of the rows
     concatenated in slide order.
     """
-    tissues_by_slide = _slide_tissues(tables, slides, tissue_key)
+    tissues_by_slide = slide_tissues(tables, slides, tissue_key)
     tissues_all = np.concatenate([tissues_by_slide[sid] for sid in tables])
     n_total = tissues_all.size
     if n_total == 0:
