@@ -118,11 +118,44 @@ def test_kill_then_rerun_equals_the_uninterrupted_run(cohort, reference, tmp_pat
     _assert_same(out, reference)
 
 
-def test_two_dask_workers_equal_the_serial_run(cohort, reference, tmp_path):
+def test_two_dask_workers_equal_the_serial_run(cohort, reference, tmp_path, capfd):
     out = tmp_path / "features"
+    capfd.readouterr()
     assert main(_features_args(cohort, out, "--workers", "2")) == 1
+    # --quiet: the summary line alone, nothing from the LocalCluster (scheduler, nannies, worker processes)
+    stdout, stderr = capfd.readouterr()
+    assert stdout.strip().startswith("spade-sc features: 4 done, 0 skipped, 1 failed") and len(stdout.splitlines()) == 1
+    assert not stderr.strip(), stderr
     assert json.loads((out / "run.json").read_text())["counts"] == {"done": 4, "skipped": 0, "failed": 1}
     _assert_same(out, reference)
+
+
+def test_quiet_keeps_dask_logs_off_the_console(tmp_path):
+    """What a --workers / --scheduler run does with Dask's loggers (scheduler, nannies and client in this process)."""
+    import io
+    import logging
+
+    from spade_sc._cohort import dask_logs, start_logging, stop_logging
+
+    console = logging.StreamHandler(io.StringIO())
+    root = logging.getLogger()
+    root.addHandler(console)
+    try:
+        with dask_logs(quiet=True):
+            handler = start_logging(tmp_path, quiet=True)
+            logging.getLogger("distributed.scheduler").info("State start")
+            logging.getLogger("distributed.nanny").warning("Worker process still alive after 4.0 seconds, killing")
+            logging.getLogger("distributed.nanny").error("Worker exceeded 95% memory budget")
+            stop_logging(handler)
+        with dask_logs(quiet=False):
+            logging.getLogger("distributed.scheduler").info("Scheduler at: tcp://127.0.0.1:1")
+            logging.getLogger("distributed.nanny").warning("Restarting worker")
+        assert logging.getLogger("distributed").propagate  # restored
+    finally:
+        root.removeHandler(console)
+    assert console.stream.getvalue() == "Restarting worker\n"  # without --quiet: Dask's warnings, not its INFO lines
+    log = (tmp_path / "spade-sc.log").read_text()  # with --quiet: its warnings in the run's log file only
+    assert "still alive" in log and "memory budget" in log and "State start" not in log
 
 
 def _bad(argv: list[str], capsys) -> str:
@@ -148,6 +181,12 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(cohort, tmp_path, cap
     assert "lists no slide" in _bad(["features", str(tmp_path / "header.csv"), "--out", str(out)], capsys)
     assert "slide_id" in _bad(["features", str(tmp_path / "noid.csv"), "--out", str(out)], capsys)
     assert "['a']" in _bad(["features", str(tmp_path / "dup.csv"), "--out", str(out)], capsys)
+    (tmp_path / "outs").mkdir()  # a Space Ranger folder with two candidate full-resolution images
+    for name in ("he.tif", "he_2.jpg", "tissue_hires_image.png"):
+        (tmp_path / "outs" / name).write_text("")
+    pd.DataFrame({"slide_id": ["v"], "path": ["outs"]}).to_csv(tmp_path / "two.csv", index=False)
+    err = _bad(["features", str(tmp_path / "two.csv"), "--out", str(out)], capsys)
+    assert "'v'" in err and "['he.tif', 'he_2.jpg']" in err and "image column" in err
     assert "--workers" in _bad(["features", good, "--out", str(out), "--workers", "0"], capsys)
     assert "not a model folder" in _bad(["embed", good, "--model", str(tmp_path), "--out", str(out)], capsys)
     assert not out.exists()
@@ -157,6 +196,22 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(cohort, tmp_path, cap
     err = _bad(["features", good, "--out", str(out), "--scheduler", "tcp://127.0.0.1:9"], capsys)
     assert "tcp://127.0.0.1:9" in err and time.time() - t0 < 30
     assert not out.exists()
+
+
+def test_out_below_a_file_exits_2_and_writes_nothing(cohort, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "file").write_text("x")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for out in ("a/file/b", "a/file/b/c"):  # the file one and two levels up
+        target = str(tmp_path / out)
+        err = _bad(["demo", "--data", "synthetic", "--out", target], capsys)
+        assert f"--out {target}: {tmp_path / 'a' / 'file'} is a file" in err
+        err = _bad(["features", str(cohort / "good.csv"), "--out", target], capsys)
+        assert f"{tmp_path / 'a' / 'file'} is a file" in err
+        model = ["--features-key", "X", "--checkpoint-dir", target]
+        err = _bad(["fit", str(cohort / "good.csv"), "--out", str(tmp_path / "model"), *model], capsys)
+        assert f"--checkpoint-dir {target}" in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def test_fit_embed_slides_mil_evaluate(cohort, reference, tmp_path, capsys):
@@ -202,8 +257,11 @@ def test_fit_embed_slides_mil_evaluate(cohort, reference, tmp_path, capsys):
     assert list(table.obs["group"]) == ["a", "b", "a", "b"] and "X_spade" in table.obsm
 
     mil = tmp_path / "mil"
-    assert main(["mil", str(slides_dir), "--label", "group", "--out", str(mil), "--folds", "2", "--epochs", "1",
-                 "--heatmaps", "1", "--quiet"]) == 0  # fmt: skip
+    mil_args = ["mil", str(slides_dir), "--label", "group", "--out", str(mil), "--folds", "2", "--epochs", "1"]
+    assert "--resume needs --checkpoint-dir" in _bad([*mil_args, "--resume"], capsys)
+    mil_ckpt = ["--checkpoint-dir", str(tmp_path / "mil_ckpt"), "--resume"]  # no checkpoint yet: from epoch 0
+    assert main([*mil_args, "--heatmaps", "1", *mil_ckpt, "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "mil_ckpt").iterdir()) == ["cv_0", "cv_1"]  # one per split
     assert {"metrics.csv", "summary.csv", "predictions.csv", "splits.json", "run.json"} <= {
         p.name for p in mil.iterdir()
     }
@@ -222,3 +280,139 @@ def test_fit_embed_slides_mil_evaluate(cohort, reference, tmp_path, capsys):
     scores = pd.read_csv(ev / "evaluation.csv")
     assert set(scores["representation"]) == {"base", "spade_soft"}
     assert json.loads((ev / "protocol.json").read_text())["features_key"] == "X_test_resnet"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# real formats in one manifest: her2st sections written to .zarr, a Space Ranger folder, a whole-slide TIFF
+# ---------------------------------------------------------------------------------------------------------------------
+TILE = 512
+
+
+def _tiles(rgb: np.ndarray):
+    """The tiles of an (h, w, 3) array, row by row (tifffile pads the last row and column)."""
+    for y in range(0, rgb.shape[0], TILE):
+        for x in range(0, rgb.shape[1], TILE):
+            yield np.ascontiguousarray(rgb[y : y + TILE, x : x + TILE])
+
+
+def _upsampled_tiles(img: np.ndarray, shape: tuple[int, int], scale: float):
+    """Tiles of ``img`` upsampled by nearest neighbour to ``shape``: output pixel p is input pixel (p + 0.5) * scale."""
+    ys, xs = (
+        np.minimum(((np.arange(n) + 0.5) * scale).astype(int), m - 1) for n, m in zip(shape, img.shape[:2], strict=True)
+    )
+    wide = np.repeat(img, np.bincount(xs, minlength=img.shape[1]), axis=1)  # columns first: one cheap repeat
+    for y in range(0, shape[0], TILE):
+        strip = wide[ys[y : y + TILE]]
+        for x in range(0, shape[1], TILE):
+            yield np.ascontiguousarray(strip[:, x : x + TILE])
+
+
+def _write_tiff(path: Path, levels: list, shapes: list[tuple[int, int]], mpp: float) -> Path:
+    """A tiled pyramidal JPEG TIFF (one page per level, tiles from ``levels``), the pixel size in its tags."""
+    import tifffile
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for k, (tiles, (h, w)) in enumerate(zip(levels, shapes, strict=True)):
+            tw.write(
+                tiles, shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE), compression="jpeg", photometric="rgb",
+                resolution=(1e4 / (mpp * shapes[0][1] / w),) * 2, resolutionunit="CENTIMETER",
+                subfiletype=0 if k == 0 else 1, metadata=None,
+            )  # fmt: skip
+    return path
+
+
+def _her2st_crop(sdata, sid: str, side: int = 2048):
+    """A ``side`` px square of a her2st section around its median spot: image (pyramid), spots, counts, pixel size."""
+    import spatialdata as sd
+
+    cx, cy = np.median(sdata.tables["table"].obsm["spatial"], axis=0)
+    return sd.bounding_box_query(
+        sdata, axes=("x", "y"), min_coordinate=[cx - side / 2, cy - side / 2],
+        max_coordinate=[cx + side / 2, cy + side / 2], target_coordinate_system=sid, filter_table=True,
+    )  # fmt: skip
+
+
+def _visium_with_fullres(data_root: Path, folder: Path) -> Path:
+    """The tiny Space Ranger folder (its files linked) with a full-resolution H&E beside them: its lowres image
+    upsampled to the full-resolution pixels of its scale factors (13312 px square, 3 levels 4x apart)."""
+    from PIL import Image
+
+    source = data_root / "visium_heart_tiny"
+    folder.mkdir()
+    for name in ("filtered_feature_bc_matrix.h5", "spatial"):
+        (folder / name).symlink_to(source / name)
+    factors = json.loads((source / "spatial" / "scalefactors_json.json").read_text())
+    low = np.asarray(Image.open(source / "spatial" / "tissue_lowres_image.png").convert("RGB"))
+    scale = factors["tissue_lowres_scalef"]
+    side = int(low.shape[0] / scale) // 1024 * 1024
+    shapes = [(side // 4**k, side // 4**k) for k in range(3)]
+    levels = [_upsampled_tiles(low, shape, scale * 4**k) for k, shape in enumerate(shapes)]
+    return _write_tiff(folder / "heart_he.tif", levels, shapes, 55.0 / factors["spot_diameter_fullres"])
+
+
+@pytest.fixture(scope="module")
+def real(her2st, data_root, cohort, tmp_path_factory):
+    """A manifest of real inputs: her2st C3 and C5 (crops) as .zarr, the tiny Visium folder with a full-resolution
+    TIFF in it (found without an image column), and a whole-slide TIFF cut from her2st C4."""
+    from PIL import Image
+
+    from spade_sc._image import image_levels
+
+    root = tmp_path_factory.mktemp("real")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for sid in ("C3", "C5"):
+            _her2st_crop(her2st[sid], sid).write(root / f"{sid}.zarr")
+    _visium_with_fullres(data_root, root / "heart")
+    c4 = her2st["C4"]
+    cx, cy = np.median(c4.tables["table"].obsm["spatial"], axis=0).astype(int)
+    lv0 = image_levels(c4.images["C4_image"])[0]
+    rgb = np.moveaxis(np.asarray(lv0.data[:, cy - 1024 : cy + 1024, cx - 1024 : cx + 1024]), 0, -1)
+    levels = [rgb, *(np.asarray(Image.fromarray(rgb).reduce(2**k)) for k in (1, 2))]
+    _write_tiff(root / "c4.tif", [_tiles(lv) for lv in levels], [lv.shape[:2] for lv in levels], sp.pp.pixel_size(c4))
+    rows = [("C3", "C3.zarr", "", "a"), ("C5", "C5.zarr", "", "b"), ("heart", "heart", "visium", "a")]
+    rows.append(("wsi", "c4.tif", "", "b"))
+    frame = pd.DataFrame(rows, columns=["slide_id", "path", "format", "group"])
+    frame.to_csv(root / "mixed.csv", index=False)
+    frame.head(2).to_csv(root / "her2st.csv", index=False)
+    return root
+
+
+def test_real_formats_features_fit_embed(real, cohort, tmp_path, capsys):
+    import spatialdata as sd
+
+    encoder = ["--encoder", "test_resnet", "--encoder-weights", str(cohort / "encoder.safetensors")]
+    quiet = ["--threads", "1", "--quiet"]
+    features = tmp_path / "features"
+    # spot features: her2st from .zarr, Visium from its full-resolution TIFF; the whole slide has no spots
+    assert main(["features", str(real / "mixed.csv"), "--out", str(features), *encoder, *quiet]) == 1
+    failures = pd.read_csv(features / "failures.csv")
+    assert list(failures["slide_id"]) == ["wsi"] and "shapes" in failures["error"].iloc[0]
+    assert sorted(p.name for p in features.glob("*.zarr")) == ["C3.zarr", "C5.zarr", "heart.zarr"]
+    heart = sd.read_zarr(features / "heart.zarr").tables["table"]
+    assert heart.obsm["X_test_resnet"].shape[0] == 100
+    assert heart.uns["X_test_resnet"]["image_key"] == "heart_full_image"  # found in the folder, no image column
+    source = sd.read_zarr(features / "heart.zarr").attrs["spade_sc"]["cohort"]["source"]
+    assert source["image"].endswith("heart_he.tif")
+    c3 = sd.read_zarr(features / "C3.zarr").tables["table"]
+    assert 30 < c3.n_obs < 80 and np.isfinite(c3.obsm["X_test_resnet"]).all()
+
+    model = tmp_path / "model"
+    fit = ["fit", str(real / "her2st.csv"), "--out", str(model), "--features", str(features)]
+    fit += ["--features-key", "X_test_resnet", "--epochs", "2", "--batch-size", "32", "--n-experts", "1", "--quiet"]
+    assert main(fit) == 0
+
+    # every format through embed, on tissue tiles (the whole slide has no spots)
+    embedded = tmp_path / "embedded"
+    embed = ["embed", str(real / "mixed.csv"), "--model", str(model), "--out", str(embedded), "--tiles"]
+    embed += ["--features", str(features), "--mpp", "8", "--patch-size", "32", *quiet]
+    assert main(embed) == 0
+    tables = {"C3": "C3_image_tiles_table", "C5": "C5_image_tiles_table", "heart": "heart_full_image_tiles_table"}
+    tables["wsi"] = "wsi_image_tiles_table"
+    for sid, key in tables.items():
+        table = sd.read_zarr(embedded / f"{sid}.zarr").tables[key]
+        assert table.n_obs > 0 and table.obsm["X_spade"].shape == (table.n_obs, 256), sid
+        assert np.isfinite(table.obsm["X_spade"]).all()
+    capsys.readouterr()
+    assert main(embed) == 0  # the same command again: every slide is complete
+    assert "0 done, 4 skipped, 0 failed" in capsys.readouterr().out

@@ -2,9 +2,10 @@
 
 How a run goes
 --------------
-- The **manifest** (CSV: ``slide_id``, ``path``, optional ``format``, any other columns are slide-level labels) is
-  read and checked before anything is written (:func:`read_manifest`); a user error is a :class:`UserError` (one
-  line, exit code 2).
+- The **manifest** (CSV: ``slide_id``, ``path``, optional ``format`` and ``image``, any other columns are
+  slide-level labels) is read and checked before anything is written (:func:`read_manifest`); a user error is a
+  :class:`UserError` (one line, exit code 2). A Space Ranger folder without an ``image`` entry gets the one image
+  file at its top as its full-resolution H&E, and each Visium slide keeps only the image its patches come from.
 - Every slide is one :class:`Task`. Its output ``DIR/<slide_id>.zarr`` holds the slide's shapes and tables (images
   are not copied: they stay in the input, recorded in ``attrs["spade_sc"]["cohort"]["source"]``) and a record of
   the run in ``attrs["spade_sc"]["cohort"]``: command, parameters and a **fingerprint** of the parameters, the input
@@ -20,6 +21,7 @@ How a run goes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,7 +30,7 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,7 @@ import pandas as pd
 
 from ._atomic import remove_stale, write_sdata_atomic, write_text_atomic
 from ._constants import Keys
+from ._sdata import image_pixel_size
 from ._validation import json_safe
 from .model._files import versions as model_versions
 
@@ -47,12 +50,25 @@ logger = logging.getLogger("spade_sc")
 RUN_FILE = "run.json"
 FAILURES_FILE = "failures.csv"
 LOG_FILE = "spade-sc.log"
+#: The logger of dask.distributed (scheduler, nanny, workers, client).
+DASK_LOGGER = "distributed"
 #: ``sdata.attrs["spade_sc"]`` entry holding the record of the run that wrote a slide's output.
 COHORT_ATTR = "cohort"
 #: Input formats of a manifest's ``format`` column.
 FORMATS = ("zarr", "wsi", "hest", "visium")
 #: Suffixes read as whole-slide files.
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".czi", ".jpg", ".png")
+#: Suffixes of the full-resolution H&E that a Space Ranger folder may hold beside its outputs.
+FULLRES_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn", ".jpg", ".jpeg", ".png")
+#: Images Space Ranger writes itself (in ``spatial/``): never taken for the full-resolution H&E.
+SPACERANGER_IMAGES = (
+    "tissue_hires_image.png",
+    "tissue_lowres_image.png",
+    "aligned_fiducials.jpg",
+    "detected_tissue_image.jpg",
+    "aligned_tissue_image.jpg",
+    "cytassist_image.tiff",
+)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 #: Manifest columns that are not slide labels.
 _RESERVED = ("slide_id", "path", "format", "image")
@@ -138,9 +154,35 @@ def _slide(row: pd.Series, sid: str, base: Path, hest_root: str | os.PathLike | 
         return Slide(sid, raw, "hest")
     fmt = fmt or _infer_format(resolved)
     image = str(row.get("image", "") or "").strip() or None
-    if image and not Path(image).is_absolute():
-        image = str(base / image)
+    if image and not Path(image).is_absolute():  # relative to the manifest, or a file name inside the folder
+        inside = resolved / image
+        image = str(inside if not (base / image).exists() and inside.exists() else base / image)
+    if fmt == "visium" and image is None and resolved.is_dir():
+        image = _fullres_in(resolved, sid)
     return Slide(sid, str(resolved.resolve()), fmt, image)
+
+
+def _fullres_in(folder: Path, sid: str) -> str | None:
+    """The full-resolution H&E of a Space Ranger folder without an ``image`` entry: the one image file at its top.
+
+    Space Ranger's own images (``spatial/``: hires, lowres, fiducials, CytAssist) are never candidates; several
+    candidates are a :class:`UserError` (the manifest's ``image`` column must name one).
+    """
+    found = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name.lower().endswith(FULLRES_SUFFIXES)
+        and p.name not in SPACERANGER_IMAGES
+    )
+    if len(found) > 1:
+        msg = (
+            f"Slide {sid!r}: the Visium folder {folder} holds several image files {[p.name for p in found]}; name "
+            "its full-resolution H&E in the manifest's image column."
+        )
+        raise UserError(msg)
+    return str(found[0].resolve()) if found else None
 
 
 def _infer_format(path: Path) -> str:
@@ -167,8 +209,14 @@ def missing_input(slide: Slide, hest_root: str | os.PathLike | None) -> str | No
     return None
 
 
-def load_slide(slide: Slide, hest_root: str | os.PathLike | None = None) -> SpatialData:
-    """The slide as SpatialData, through ``spatialdata.read_zarr`` or the readers of :mod:`spade_sc.io`."""
+def load_slide(
+    slide: Slide, hest_root: str | os.PathLike | None = None, *, image_key: str | None = None
+) -> SpatialData:
+    """The slide as SpatialData, through ``spatialdata.read_zarr`` or the readers of :mod:`spade_sc.io`.
+
+    A Visium slide keeps one image, the one its patches are cut from (the full-resolution H&E of the ``image``
+    column or of its folder, else Space Ranger's hires image), unless ``image_key`` names another of its images.
+    """
     from . import io
 
     if slide.format == "zarr":
@@ -178,8 +226,34 @@ def load_slide(slide: Slide, hest_root: str | os.PathLike | None = None) -> Spat
     if slide.format == "wsi":
         return io.read_wsi(slide.path, name=slide.slide_id)
     if slide.format == "visium":
-        return io.read_visium(slide.path, dataset_id=slide.slide_id, fullres_image_file=slide.image)
+        sdata = io.read_visium(slide.path, dataset_id=slide.slide_id, fullres_image_file=slide.image)
+        return sdata if image_key in sdata.images else _patch_image_only(sdata, slide.slide_id)
     return io.read_hest(hest_root, sample_ids=[slide.path])[slide.path]
+
+
+def _patch_image_only(sdata: SpatialData, dataset_id: str) -> SpatialData:
+    """A Visium slide with only the image its patches are cut from: the full-resolution H&E, else the hires one.
+
+    So that every step finds its image without ``--image-key`` (the names differ from slide to slide).
+    """
+    full, hires = f"{dataset_id}_full_image", f"{dataset_id}_hires_image"
+    keep = full if full in sdata.images else hires if hires in sdata.images else None
+    if keep is None:
+        return sdata
+    if keep == hires:
+        try:
+            size = f"{image_pixel_size(sdata, hires):.1f} um per pixel"
+        except (KeyError, ValueError):
+            size = "its pixel size unknown"
+        logger.warning(
+            "slide %s: no full-resolution H&E (no image column, no image file in its folder): patches are cut from "
+            "Space Ranger's hires image, upsampled (%s).",
+            dataset_id,
+            size,
+        )
+    for key in [k for k in sdata.images if k != keep]:
+        del sdata.images[key]
+    return sdata
 
 
 def merge_outputs(sdata: SpatialData, path: str | os.PathLike) -> SpatialData:
@@ -308,7 +382,7 @@ def run_task(task: Task, step: Callable[[Task, SpatialData], None]) -> dict[str,
             import torch
 
             torch.set_num_threads(int(task.threads))
-        sdata = load_slide(task.slide, task.hest_root)
+        sdata = load_slide(task.slide, task.hest_root, image_key=task.params.get("image_key"))
         if task.upstream is not None:
             sdata = merge_outputs(sdata, task.upstream)
         step(task, sdata)
@@ -331,17 +405,39 @@ def run_task(task: Task, step: Callable[[Task, SpatialData], None]) -> dict[str,
 # --------------------------------------------------------------------------------------------------------------------
 # running a cohort
 # --------------------------------------------------------------------------------------------------------------------
-def prepare_out(out: str | os.PathLike) -> Path:
-    """The output folder, created; a :class:`UserError` when it is a file."""
+def out_problem(out: str | os.PathLike, option: str = "--out") -> str | None:
+    """Why the folder ``out`` cannot be used or created; None when it can.
+
+    It is a file, a path component above it is a file, or the nearest existing folder above it is not writable.
+    """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        msg = f"--out {out} is a file, not a folder."
-        raise UserError(msg)
-    return out
+    if out.exists():
+        return None if out.is_dir() else f"{option} {out} is a file, not a folder."
+    for parent in out.parents:
+        if not (parent.exists() or parent.is_symlink()):
+            continue
+        if not parent.is_dir():
+            return f"{option} {out}: {parent} is a file, not a folder."
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{option} {out}: the folder {parent} is not writable."
+        return None
+    return None
+
+
+def prepare_out(out: str | os.PathLike, option: str = "--out") -> Path:
+    """The output folder (not created here); a :class:`UserError` when it cannot be one (:func:`out_problem`)."""
+    problem = out_problem(out, option)
+    if problem is not None:
+        raise UserError(problem)
+    return Path(out)
 
 
 def start_logging(out: Path, quiet: bool) -> logging.Handler:
-    """Log the "spade_sc" logger to ``out/spade-sc.log`` (always) and to the console (unless ``quiet``)."""
+    """Log the "spade_sc" logger to ``out/spade-sc.log`` (always) and to the console (unless ``quiet``).
+
+    Dask's warnings (workers lost or restarted, for example) go to the log file too; :func:`dask_logs` keeps them off
+    the console with ``quiet``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -350,17 +446,46 @@ def start_logging(out: Path, quiet: bool) -> logging.Handler:
     for h in logging.getLogger().handlers:
         if not isinstance(h, logging.FileHandler):
             h.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger(DASK_LOGGER).addHandler(handler)
     return handler
 
 
 def stop_logging(handler: logging.Handler) -> None:
     """Close the log file of :func:`start_logging`."""
     logger.removeHandler(handler)
+    logging.getLogger(DASK_LOGGER).removeHandler(handler)
     handler.close()
 
 
-def dask_client(workers: int | None, scheduler: str | None, *, timeout: float = 5.0) -> Any:
-    """A ``distributed.Client``: on a new ``LocalCluster`` of ``workers`` processes, or at ``scheduler``."""
+@contextlib.contextmanager
+def dask_logs(quiet: bool) -> Iterator[None]:
+    """Dask's own log lines during a run: warnings and errors only, and none on the console with ``quiet``.
+
+    ``distributed`` announces every cluster start, worker and connection at INFO level; those are dropped. With
+    ``quiet`` its records stop at its own logger (the run's log file, attached by :func:`start_logging`, still gets
+    them); the worker processes of a ``LocalCluster`` are silenced by :func:`dask_client`. Restored afterwards.
+    """
+    import distributed  # noqa: F401  (its import configures its loggers: ours comes after)
+
+    lg = logging.getLogger(DASK_LOGGER)
+    level, propagate, handlers = lg.level, lg.propagate, list(lg.handlers)
+    lg.setLevel(logging.WARNING)
+    if quiet:
+        lg.propagate = False
+        lg.addHandler(logging.NullHandler())  # never Python's last-resort handler on stderr
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+        lg.propagate = propagate
+        lg.handlers[:] = handlers
+
+
+def dask_client(workers: int | None, scheduler: str | None, *, timeout: float = 5.0, quiet: bool = False) -> Any:
+    """A ``distributed.Client``: on a new ``LocalCluster`` of ``workers`` processes, or at ``scheduler``.
+
+    The ``LocalCluster`` has no dashboard; its worker processes log errors only (nothing with ``quiet``).
+    """
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
@@ -376,7 +501,8 @@ def dask_client(workers: int | None, scheduler: str | None, *, timeout: float = 
         threads_per_worker=1,
         processes=True,
         dashboard_address=None,
-        silence_logs=logging.ERROR,
+        scheduler_kwargs={"dashboard": False},
+        silence_logs=logging.CRITICAL + 1 if quiet else logging.ERROR,
     )
     client = Client(cluster)
     client._spade_local_cluster = cluster
@@ -554,38 +680,40 @@ def run_cohort(
     if upstream is not None and not Path(upstream).is_dir():
         msg = f"--features {upstream} is not a folder."
         raise UserError(msg)
-    client = None if args.workers is None and args.scheduler is None else dask_client(args.workers, args.scheduler)
-    handler = start_logging(out, args.quiet)
-    try:
-        for stale in remove_stale(out):
-            logger.info("removed the stale temporary %s", stale.name)
-        logger.info("spade-sc %s: %d slides -> %s", command, len(slides), out)
-        tasks, records = plan(
-            command,
-            slides,
-            out,
-            params,
-            fingerprinted=params if fingerprinted is None else fingerprinted,
-            hest_root=None if args.hest_root is None else str(args.hest_root),
-            upstream=None if upstream is None else str(upstream),
-            model=model,
-            model_fingerprint=model_fingerprint,
-            threads=args.threads,
-            overwrite=args.overwrite,
-        )
-        stop = args.on_error == "stop"
-        if not (stop and any(r["status"] == "failed" for r in records)):
-            records += execute(tasks, step, client=client, stop_on_error=stop, progress=not args.quiet)
-            client = None  # execute closed it
-        if after is not None:
-            after(out, slides, labels, records)
-        counts = write_records(out, command, args.argv, params, records, t0)
-        line = summary_line(command, counts, time.perf_counter() - t0, out)
-        logger.info(line)
-        if args.quiet:
-            print(line)
-        return 1 if counts["failed"] else 0
-    finally:
-        if client is not None:
-            close_client(client)
-        stop_logging(handler)
+    dask = args.workers is not None or args.scheduler is not None
+    with dask_logs(args.quiet) if dask else contextlib.nullcontext():
+        client = dask_client(args.workers, args.scheduler, quiet=args.quiet) if dask else None
+        handler = start_logging(out, args.quiet)
+        try:
+            for stale in remove_stale(out):
+                logger.info("removed the stale temporary %s", stale.name)
+            logger.info("spade-sc %s: %d slides -> %s", command, len(slides), out)
+            tasks, records = plan(
+                command,
+                slides,
+                out,
+                params,
+                fingerprinted=params if fingerprinted is None else fingerprinted,
+                hest_root=None if args.hest_root is None else str(args.hest_root),
+                upstream=None if upstream is None else str(upstream),
+                model=model,
+                model_fingerprint=model_fingerprint,
+                threads=args.threads,
+                overwrite=args.overwrite,
+            )
+            stop = args.on_error == "stop"
+            if not (stop and any(r["status"] == "failed" for r in records)):
+                records += execute(tasks, step, client=client, stop_on_error=stop, progress=not args.quiet)
+                client = None  # execute closed it
+            if after is not None:
+                after(out, slides, labels, records)
+            counts = write_records(out, command, args.argv, params, records, t0)
+            line = summary_line(command, counts, time.perf_counter() - t0, out)
+            logger.info(line)
+            if args.quiet:
+                print(line)
+            return 1 if counts["failed"] else 0
+        finally:
+            if client is not None:
+                close_client(client)
+            stop_logging(handler)

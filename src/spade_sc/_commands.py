@@ -314,6 +314,8 @@ def fit(args: Any) -> int:
     if args.features is not None and not Path(args.features).is_dir():
         msg = f"--features {args.features} is not a folder."
         raise UserError(msg)
+    if args.checkpoint_dir is not None:
+        prepare_out(args.checkpoint_dir, "--checkpoint-dir")
     params = {
         "features_key": args.features_key,
         "encoder": args.encoder,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import datasets, pl, pp, tl
+from ._cohort import out_problem
 from ._constants import Keys
 
 TUTORIALS = (
@@ -221,8 +222,8 @@ def demo(args: argparse.Namespace) -> int:
         problem = f"--out {out} exists and is not a folder; choose a folder for the demo's outputs."
     elif out.exists() and any(out.iterdir()) and not args.overwrite:
         problem = f"--out {out} exists and is not empty; pass --overwrite."
-    elif not out.exists() and out.parent.exists() and not out.parent.is_dir():
-        problem = f"--out {out}: {out.parent} is not a folder."
+    else:  # a file anywhere above it, or an unwritable folder: one line, before anything is written
+        problem = out_problem(out)
     if problem:
         print(f"spade-sc demo: error: {problem}", file=sys.stderr)
         return 2

@@ -76,6 +76,11 @@ def mil(args: Any) -> int:
     t0 = time.perf_counter()
     folder, h5ad = _source(args.source)
     out = prepare_out(args.out)
+    if args.checkpoint_dir is not None:
+        prepare_out(args.checkpoint_dir, "--checkpoint-dir")
+    elif args.resume:
+        msg = "--resume needs --checkpoint-dir."
+        raise UserError(msg)
     labels = ad.read_h5ad(h5ad).obs
     for col in [c for c in (args.label, args.time, args.event) if c is not None]:
         if col not in labels.columns:
@@ -119,8 +124,10 @@ def mil(args: Any) -> int:
                 k_shot=args.k_shot,
                 n_repeats=args.repeats,
                 seed=args.seed,
+                checkpoint_dir=args.checkpoint_dir,
+                resume=bool(args.resume),
             )
-        except ValueError as err:
+        except (ValueError, FileExistsError) as err:
             raise UserError(str(err).splitlines()[0]) from None
         _write_results(out, result)
         _heatmaps(out, result, folder, cohort, args.heatmaps)

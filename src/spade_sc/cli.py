@@ -18,7 +18,10 @@ from ._demo import demo
 
 logger = logging.getLogger("spade_sc")
 
-_MANIFEST = "CSV with columns slide_id, path (a .zarr, a slide file, a Space Ranger folder, a HEST id), optional format"
+_MANIFEST = (
+    "CSV with columns slide_id, path (a .zarr, a slide file, a Space Ranger folder, a HEST id), optional format and "
+    "image (Visium: the full-resolution H&E; default: the one image file in the folder); other columns are labels"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +62,9 @@ def _common(p: argparse.ArgumentParser, *, manifest: bool = True) -> None:
         p.add_argument("manifest", help=_MANIFEST)
         p.add_argument("--hest-root", default=None, help="HEST folder (st/, wsis/, metadata/) for HEST sample ids")
     p.add_argument("--overwrite", action="store_true", help="redo everything (default: skip what is complete)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or info lines (the log file still gets them)")
+    p.add_argument(
+        "--quiet", action="store_true", help="the summary line only: no progress bars, info lines or Dask messages"
+    )
 
 
 def _distributed(p: argparse.ArgumentParser) -> None:
@@ -73,7 +78,7 @@ def _distributed(p: argparse.ArgumentParser) -> None:
 def _geometry(p: argparse.ArgumentParser, *, tile_help: str = "patch side in pixels") -> None:
     p.add_argument("--mpp", type=_positive_float, default=0.5, help="micrometres per pixel of the patches")
     p.add_argument("--patch-size", type=_positive_int, default=224, help=tile_help)
-    p.add_argument("--image-key", default=None, help="the H&E image, when a slide holds several")
+    p.add_argument("--image-key", default=None, help="the H&E image of .zarr slides that hold several")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per encoder call")
     p.add_argument("--device", default="auto", help="torch device of the encoder (auto: CUDA when there is one)")
 
@@ -154,6 +159,8 @@ def _mil_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=_positive_float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heatmaps", type=int, default=3, help="attention heatmaps of this many top-scored slides")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint every split's training at every epoch here")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir")
     _common(p, manifest=False)
     p.set_defaults(func=_commands_mil)
 

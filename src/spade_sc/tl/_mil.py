@@ -21,9 +21,13 @@ Protocol
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -510,11 +514,15 @@ def _fit_one(
     trainer_kwargs: Mapping[str, Any] | None,
     progress: bool,
     record: Mapping[str, Any],
+    checkpoint: tuple[str, dict[str, Any], Any] | None = None,
 ) -> MILModel:
-    """Train one GatedABMIL on ``bags`` (of the slides ``idx`` of ``lab``) and wrap it."""
+    """Train one GatedABMIL on ``bags`` (of the slides ``idx`` of ``lab``) and wrap it.
+
+    ``checkpoint``: (folder, signature, state to resume from) of an :class:`~spade_sc.model._lightning.EpochCheckpoint`.
+    """
     import lightning as L
 
-    from ..model._lightning import MILLightningModule, make_bag_dataloader
+    from ..model._lightning import EpochCheckpoint, MILLightningModule, make_bag_dataloader
     from ..model._mil import GatedABMIL
 
     targets, edges, n_out = lab.targets(idx)
@@ -524,10 +532,15 @@ def _fit_one(
     inputs = [(b - mean) / std for b in bags] if mean is not None else bags
     loader = make_bag_dataloader(inputs, targets, lab.sampling_weights(idx), seed=seed)
     loss = "nll" if lab.task == "survival" else ("bce" if n_out == 1 else "ce")
-    lit = MILLightningModule(net, loss=loss, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    lit = MILLightningModule(
+        net, loss=loss, lr=hp["lr"], weight_decay=hp["weight_decay"], generator=loader.sampler.generator
+    )
     kwargs = default_trainer_kwargs(
         hp["max_epochs"], progress, {"log_every_n_steps": max(1, len(bags)), **(trainer_kwargs or {})}
     )
+    if checkpoint is not None:  # a Checkpoint callback needs enable_checkpointing (Lightning then adds none of its own)
+        kwargs["callbacks"] = [EpochCheckpoint(*checkpoint), *list(kwargs.get("callbacks", []) or [])]
+        kwargs["enable_checkpointing"] = True
     with quiet_lightning(not progress), torch_state():
         trainer = L.Trainer(**kwargs)
         if trainer.world_size > 1:
@@ -581,11 +594,12 @@ def _fit_splits(
     seed: int,
     trainer_kwargs: Mapping[str, Any] | None,
     progress: bool,
+    checkpoints: Sequence[tuple[str, dict[str, Any], Any] | None],
 ) -> _Runs:
     """Train a model on the train slides of every split and score it on the test slides."""
     pos = {n: i for i, n in enumerate(lab.names)}
     runs = _Runs()
-    for f, (train, test) in enumerate(planned):
+    for f, ((train, test), checkpoint) in enumerate(zip(planned, checkpoints, strict=True)):
         model = _fit_one(
             [bags[n] for n in train],
             lab,
@@ -596,6 +610,7 @@ def _fit_splits(
             trainer_kwargs=trainer_kwargs,
             progress=progress,
             record={"split": split_name, "fold": f, "train_slides": list(train)},
+            checkpoint=checkpoint,
         )
         runs.models.append(model)
         runs.splits.append({"split": split_name, "fold": f, "train": list(train), "test": list(test)})
@@ -615,6 +630,53 @@ def _fit_splits(
             ", ".join(f"{k}={v:.3f}" for k, v in values.items()),
         )
     return runs
+
+
+def _split_checkpoints(
+    bags: Mapping[str, np.ndarray],
+    lab: _SlideLabels,
+    split_name: str,
+    planned: Sequence[tuple[list[str], list[str]]],
+    *,
+    hp: Mapping[str, Any],
+    seed: int,
+    checkpoint_dir: str | os.PathLike | None,
+    resume: bool,
+) -> list[tuple[str, dict[str, Any], Any] | None]:
+    """(folder, signature, state to resume from) of every split's checkpoint, all checked before any training.
+
+    A split's checkpoint lives in ``<checkpoint_dir>/<split>_<fold>/``; its signature holds the model settings, the
+    training settings and seed, and a hash of every training bag and its target.
+    """
+    if checkpoint_dir is None:
+        if resume:
+            msg = "resume=True needs checkpoint_dir."
+            raise ValueError(msg)
+        return [None] * len(planned)
+    from ..model._trainer import load_resume_state
+
+    pos = {n: i for i, n in enumerate(lab.names)}
+    out = []
+    for f, (train, _) in enumerate(planned):
+        targets, _, n_out = lab.targets(np.array([pos[n] for n in train]))
+        data = {}
+        for name, target in zip(train, targets, strict=True):
+            h = hashlib.sha256(np.ascontiguousarray(bags[name], dtype=np.float32).tobytes())
+            h.update(json.dumps(target, sort_keys=True, default=str).encode())
+            data[str(name)] = h.hexdigest()
+        model = {
+            "task": lab.task,
+            "classes": lab.classes,
+            "n_outputs": n_out,
+            "dim": next(iter(bags.values())).shape[1],
+        }
+        model.update({k: hp[k] for k in ("hidden", "attention_dim", "dropout", "standardize")})
+        training = {k: hp[k] for k in ("max_epochs", "lr", "weight_decay")}
+        training.update(seed=_split_seed(seed, f), split=split_name, fold=f)
+        signature = json.loads(json.dumps({"model": model, "training": training, "data": data}, default=str))
+        folder = Path(checkpoint_dir) / f"{split_name}_{f}"
+        out.append((str(folder), signature, load_resume_state(folder, signature, resume=resume)))
+    return out
 
 
 def _mil_result(lab: _SlideLabels, protocol: str, runs: _Runs, params: dict[str, Any]) -> MILResult:
@@ -662,6 +724,8 @@ def train_mil(
     seed: int = 0,
     trainer_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> MILResult:
     """Train and evaluate gated attention MIL on whole slides (classification or discrete-time survival).
 
@@ -715,6 +779,17 @@ def train_mil(
         several processes is refused.
     progress
         Lightning's progress bars.
+    checkpoint_dir
+        Write a checkpoint of every split's training at the end of every epoch, into
+        ``<checkpoint_dir>/<split>_<fold>/last/`` (safetensors + JSON, no pickle, replaced atomically): weights,
+        optimizer state, loss history, the bag sampler's generator and every random state. A folder that already
+        holds a checkpoint is refused unless ``resume``.
+    resume
+        Continue from the checkpoints in ``checkpoint_dir``: finished splits are restored without training, the
+        interrupted one continues from its last epoch, the others start afresh. Checkpoints of other settings, another
+        split plan or other bags and labels are refused, naming the difference, before any training. A run killed and
+        resumed ends with bitwise the same models and results as an uninterrupted one (same seed, device and torch
+        thread count).
 
     Returns
     -------
@@ -733,7 +808,9 @@ def train_mil(
     protocol = _protocol(lab, folds, k_shot)
     bags = _collect_bags(slides, lab.names, features_key, image_key, tiles_key)
     split_name, planned = _plan_splits(lab, protocol, folds=folds, k_shot=k_shot, n_repeats=n_repeats, seed=seed)
-
+    checkpoints = _split_checkpoints(
+        bags, lab, split_name, planned, hp=hp, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume
+    )
     runs = _fit_splits(
         bags,
         lab,
@@ -744,6 +821,7 @@ def train_mil(
         seed=seed,
         trainer_kwargs=trainer_kwargs,
         progress=progress,
+        checkpoints=checkpoints,
     )
     params = {
         "task": task,
