@@ -213,6 +213,37 @@ def test_synthetic_deterministic_and_programs():
     assert (sp.datasets.synthetic_regions(a["slide1"], xy) == types).all()
 
 
+def test_synthetic_organ_programs():
+    kw = dict(n_slides=4, n_spots=150, image_size=512, tissue_types=("tumour", "stroma"), seed=2)
+    shared = sp.datasets.synthetic(**kw)
+    mixed = sp.datasets.synthetic(**kw, organ_programs=True)
+    # the first organ keeps its image and its expression; the second gets its own stain hue
+    first = [_level0(c["slide0"].images["image"]).data.compute() for c in (shared, mixed)]
+    assert np.array_equal(*first)
+    assert (shared["slide0"].tables["table"].X != mixed["slide0"].tables["table"].X).nnz == 0
+    second = [_level0(c["slide1"].images["image"]).data.compute().astype(float) for c in (shared, mixed)]
+    tissue = second[0].mean(0) < 230
+    assert abs(second[1][2][tissue].mean() / second[0][2][tissue].mean() - 1.12) < 0.03  # bluer (x 1.12)
+
+    def type_means(cohort, organ):
+        tables = [s.tables["table"] for s in cohort.values() if s.tables["table"].obs["organ"].iloc[0] == organ]
+        x = np.concatenate([np.log1p(t.X.toarray()) for t in tables])
+        types = np.concatenate([t.obs["tissue_type"].to_numpy() for t in tables])
+        return {t: x[types == t].mean(0) for t in ("tumour", "stroma")}
+
+    # shared programs: the tumour of both organs expresses the same program; organ programs: the tumour of the
+    # second organ expresses the stroma program of the first
+    for cohort, swapped in ((shared, False), (mixed, True)):
+        breast, lung = type_means(cohort, "breast"), type_means(cohort, "lung")
+        other = "stroma" if swapped else "tumour"
+        assert (
+            np.corrcoef(
+                lung["tumour"] - lung["stroma"], breast[other] - breast["stroma" if other == "tumour" else "tumour"]
+            )[0, 1]
+            > 0.8
+        )
+
+
 def test_synthetic_morphology_differs_by_type():
     cohort = sp.datasets.synthetic(n_slides=1, n_spots=200, image_size=1024, seed=1)
     s = cohort["slide0"]

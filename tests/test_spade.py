@@ -131,6 +131,24 @@ def test_auto_number_of_experts(synthetic_features):
     assert cohort["slide0"].tables["table"].uns["spade"]["train_params"]["n_experts_auto"] is True
 
 
+def test_auto_number_of_experts_is_tissue_aware(synthetic_features, caplog):
+    from spade_sc.tl._spade import auto_n_experts
+
+    assert auto_n_experts(1200) == 1
+    assert auto_n_experts(1200, tissue_pairs=[600, 600]) == 2  # one expert per tissue of 500 pairs or more
+    assert auto_n_experts(1200, tissue_pairs=[1100, 100]) == 1  # a small tissue gets no expert of its own
+    assert auto_n_experts(40_000, tissue_pairs=[20_000, 20_000]) == 16
+    cohort = synthetic_features()
+    per_organ = {}
+    for s in cohort.values():
+        t = s.tables["table"]
+        per_organ[t.obs["organ"].iloc[0]] = per_organ.get(t.obs["organ"].iloc[0], 0) + t.n_obs
+    with caplog.at_level("INFO", logger="spade_sc"):
+        model = sp.tl.fit(cohort, seed=0, tissue_key="organ", **{**SMALL, "n_experts": "auto"})
+    assert model.n_experts == auto_n_experts(sum(per_organ.values()), tissue_pairs=list(per_organ.values()))
+    assert f"in tissues {per_organ}" in caplog.text
+
+
 def test_load_validates_everything(fitted, tmp_path):
     from safetensors.torch import load_file, save_file
 

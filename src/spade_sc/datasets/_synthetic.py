@@ -44,6 +44,8 @@ _MORPHOLOGY = {
     ),
 }
 _BACKGROUND = np.array([0.96, 0.95, 0.97])
+#: Stain hue of each organ with ``organ_programs=True`` (multiplies the tissue colours; organs cycle through them).
+_ORGAN_TINTS = ((1.0, 1.0, 1.0), (0.88, 1.03, 1.12), (1.10, 0.94, 0.86), (0.94, 1.10, 0.94))
 
 
 def _hash(*arrays: np.ndarray) -> np.ndarray:
@@ -75,6 +77,7 @@ class _Slide:
     tissue_radius: float
     wobble: np.ndarray  # (4, 2) amplitude/phase of the boundary
     prolif: np.ndarray  # (3, 4) sinusoid parameters of the proliferation field
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)  # stain hue of the organ (multiplies the tissue colours)
 
     def region(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Region type index at (x, y) um."""
@@ -165,6 +168,8 @@ def _render(slide: _Slide, y0: int, x0: int, h: int, w: int, mpp: float) -> np.n
         nucleus.ravel()[idx] = True
         ncol.reshape(-1, 3)[idx] = np.array(m["nucleus"])
     rgb[nucleus] = ncol[nucleus] * (0.9 + 0.2 * grain[nucleus, None])
+    if slide.tint != (1.0, 1.0, 1.0):
+        rgb *= np.asarray(slide.tint)
     rgb[~tissue] = _BACKGROUND - 0.02 * grain[~tissue, None]
     return np.moveaxis(np.clip(rgb * 255, 0, 255).astype(np.uint8), -1, 0)
 
@@ -181,9 +186,12 @@ def _lazy_level(slide: _Slide, size_px: int, mpp: float, chunk: int):
 
 
 def _gene_programs(
-    rng: np.random.Generator, n_genes: int, types: Sequence[str], organs: Sequence[str]
+    rng: np.random.Generator, n_genes: int, types: Sequence[str], organs: Sequence[str], organ_programs: bool
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Gene names, base log-profile, per-type log-fold changes (T x G), per-organ shifts (O x G)."""
+    """Gene names, base log-profile, log-fold changes of each type in each organ (O x T x G), organ shifts (O x G).
+
+    With ``organ_programs``, organ ``o`` gives region type ``t`` the program of type ``(t + o) % T``.
+    """
     names = [f"GENE{i:04d}" for i in range(n_genes)]
     base = rng.normal(0.0, 1.0, n_genes)
     n_markers = max(3, n_genes // (2 * len(types) + 2))
@@ -193,7 +201,9 @@ def _gene_programs(
         markers = order[t * n_markers : (t + 1) * n_markers]
         programs[t, markers] = rng.uniform(1.5, 3.0, len(markers))
     organ_shift = rng.normal(0.0, 0.3, (len(organs), n_genes))
-    return names, base, programs, organ_shift
+    rolls = [o if organ_programs else 0 for o in range(len(organs))]
+    per_organ = np.stack([np.roll(programs, -r, axis=0) for r in rolls])
+    return names, base, per_organ, organ_shift
 
 
 def synthetic(
@@ -207,6 +217,7 @@ def synthetic(
     spots: bool = True,
     chunk_size: int = 1024,
     seed: int = 0,
+    organ_programs: bool = False,
 ) -> dict[str, SpatialData]:
     """A deterministic synthetic cohort of H&E-like slides with spot expression.
 
@@ -237,6 +248,13 @@ def synthetic(
         Dask chunk side of the image.
     seed
         Random seed; the same seed gives the same cohort.
+    organ_programs
+        When True, the organs differ in how morphology maps to expression, as tissues of different organs do: the
+        same region morphology carries another gene program in each organ (organ ``o`` gives region type ``t`` the
+        program of type ``t + o``, cyclically: the tumour of the second organ expresses what the stroma of the
+        first does), and each organ has its own stain hue, so the organ is visible in the image. No single linear
+        map from image to expression holds for every organ; one data expert per organ can learn each map. False
+        (default): every organ shares the programs, shifted a little.
 
     Returns
     -------
@@ -260,13 +278,16 @@ def synthetic(
 
     types, organs = _check_arguments(n_slides, n_spots, image_size, tissue_types, organs, n_genes, chunk_size, seed)
     rng = np.random.default_rng(seed)
-    names, base, programs, organ_shift = _gene_programs(rng, n_genes, types, organs)
+    names, base, programs, organ_shift = _gene_programs(rng, n_genes, types, organs, bool(organ_programs))
     genes = _Genes(names, base, programs, organ_shift, prolif=rng.permutation(n_genes)[: max(3, n_genes // 20)])
     size_um = image_size * SYNTHETIC_MPP
     layouts = [
         _make_slide(seed, i, size_um, types, float(np.random.default_rng([seed, i, 3]).uniform(0.0, 3.0)))
         for i in range(n_slides)
     ]
+    if organ_programs:
+        for i, layout in enumerate(layouts):
+            layout.tint = _ORGAN_TINTS[(i % len(organs)) % len(_ORGAN_TINTS)]
     fractions = [_tumour_fraction(layout) for layout in layouts]
     threshold = float(np.median(fractions))
 
@@ -330,7 +351,7 @@ class _Genes:
 
     names: list[str]
     base: np.ndarray  # (G,)
-    programs: np.ndarray  # (T, G) log-fold changes of each region type
+    programs: np.ndarray  # (O, T, G) log-fold changes of each region type in each organ
     organ_shift: np.ndarray  # (O, G)
     prolif: np.ndarray  # indices of the proliferation gene set
 
@@ -415,7 +436,7 @@ def _spot_table(
 
     region = layout.region(sx, sy)
     prolif = layout.proliferation(sx, sy)
-    logmu = genes.base[None, :] + genes.programs[region] + genes.organ_shift[organ_index][None, :]
+    logmu = genes.base[None, :] + genes.programs[organ_index][region] + genes.organ_shift[organ_index][None, :]
     logmu[:, genes.prolif] += 2.5 * prolif[:, None]
     logmu += srng.normal(0, 0.25, logmu.shape)
     mu = np.exp(logmu)

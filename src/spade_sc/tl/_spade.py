@@ -24,7 +24,7 @@ from ..model._files import versions
 from ..model._spade_model import SpadeModel
 from ..pp import gene_matrix, image_features
 from ..pp._genes import panel_of_tables
-from ._clustering import cohort_features, experts_of_tables
+from ._clustering import cohort_features, experts_of_tables, slide_tissues
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -38,14 +38,26 @@ MINIBATCH_THRESHOLD = 200_000
 MODEL_KWARGS = ("proj_dim", "dropout")
 
 
-def auto_n_experts(n_pairs: int, *, min_pairs_per_expert: int = 1000, max_experts: int = 16) -> int:
+def auto_n_experts(
+    n_pairs: int,
+    *,
+    tissue_pairs: Sequence[int] = (),
+    min_pairs_per_expert: int = 1000,
+    max_experts: int = 16,
+) -> int:
     """Number of experts for ``n_pairs`` training pairs: at most 16, each with about 1000 pairs or more.
 
     Measured on her2st (about 800 training pairs per leave-one-section-out fold, benchmarks/README.md): every
     split into 2, 8 or 16 experts lowered gene-expression prediction and label probes below the single expert,
     which itself beat the base features; experts need enough pairs each for their own contrastive heads.
+
+    With ``tissue_pairs`` (the pairs of each tissue, when ``fit`` is given a ``tissue_key``): at least one expert
+    per tissue holding half that minimum or more, since tissues may map morphology to expression differently
+    (``benchmarks/mixture.py``: on a synthetic cohort of two organs, one expert per organ beats a single one).
     """
-    return int(np.clip(n_pairs // min_pairs_per_expert, 1, max_experts))
+    by_pairs = n_pairs // min_pairs_per_expert
+    by_tissue = sum(1 for n in tissue_pairs if n >= min_pairs_per_expert // 2)
+    return int(np.clip(max(by_pairs, by_tissue), 1, max_experts))
 
 
 # ---------------------------------------------------------------------- the model's view of a table
@@ -159,17 +171,31 @@ def _features_everywhere(
     return features_key, None if enc is None else enc.spec, work
 
 
-def _n_experts(n_experts: int | str, n_clusters_per_tissue: int | str, n_pairs: int) -> tuple[int, int]:
-    """(experts, step-1 clusters per tissue), resolving ``"auto"``."""
+def _n_experts(
+    n_experts: int | str, n_clusters_per_tissue: int | str, n_pairs: int, tissue_pairs: Mapping[str, int]
+) -> tuple[int, int]:
+    """(experts, step-1 clusters per tissue), resolving ``"auto"`` (``tissue_pairs``: pairs per tissue, or empty)."""
     if n_experts == "auto":
-        k = auto_n_experts(n_pairs)
+        k = auto_n_experts(n_pairs, tissue_pairs=list(tissue_pairs.values()))
         logger.info(
-            "spade_sc.tl.fit: %d training pairs -> n_experts=%d (auto: about 1000 pairs or more each)", n_pairs, k
+            "spade_sc.tl.fit: %d training pairs%s -> n_experts=%d (auto: about 1000 pairs or more each%s)",
+            n_pairs,
+            f" in tissues {dict(tissue_pairs)}" if tissue_pairs else "",
+            k,
+            ", at least one per tissue of 500 or more" if tissue_pairs else "",
         )
     else:
         k = check_int(n_experts, "n_experts")
     k1 = max(16, k) if n_clusters_per_tissue == "auto" else check_int(n_clusters_per_tissue, "n_clusters_per_tissue")
     return k, k1
+
+
+def _tissue_pairs(
+    tables: Mapping[str, tuple[str, AnnData]], cohort: Mapping[str, SpatialData], tissue_key: str
+) -> dict[str, int]:
+    """Spots (pairs) of each tissue of ``tissue_key``."""
+    tissues = np.concatenate(list(slide_tissues(tables, cohort, tissue_key).values()))
+    return {str(t): int(n) for t, n in pd.Series(tissues).value_counts(sort=False).items()}
 
 
 def _validation_split(
@@ -313,7 +339,8 @@ def fit(
         Encoder spec for missing features (see :func:`spade_sc.encoders.get_encoder`).
     n_experts
         Number of data experts; ``"auto"``: ``clip(n_pairs // 1000, 1, 16)`` (16 as in the paper on large
-        cohorts, fewer when each expert would get too few pairs to train on).
+        cohorts, fewer when each expert would get too few pairs to train on); with ``tissue_key``, at least one
+        per tissue of 500 pairs or more (:func:`auto_n_experts`).
     n_clusters_per_tissue
         Step-1 clusters per tissue type; ``"auto"``: 16 (the paper), at least ``n_experts``.
     tissue_key
@@ -405,7 +432,8 @@ def fit(
     features_key, encoder_spec, work = _features_everywhere(spots, features_key, encoder, progress, feature_kwargs)
     feats = cohort_features({n: (s.table_key, s.table) for n, s in {**spots, **work}.items()}, features_key)
     n_pairs = sum(len(x) for x in feats.values())
-    k, k1 = _n_experts(n_experts, n_clusters_per_tissue, n_pairs)
+    tissue_pairs = {} if tissue_key is None or n_experts != "auto" else _tissue_pairs(tables, cohort, tissue_key)
+    k, k1 = _n_experts(n_experts, n_clusters_per_tissue, n_pairs, tissue_pairs)
     experts, assigned = experts_of_tables(
         tables,
         cohort,
