@@ -1,0 +1,207 @@
+"""Does a mixture of data experts beat one expert where organs map morphology to expression differently?
+
+The cohort: ``spade_sc.datasets.synthetic(organ_programs=True)``, 8 slides of two organs (breast, lung, alternating)
+in which the same region morphology carries another gene program in each organ (and each organ has its own stain
+hue). Features: EfficientNet-Lite0 (the package's offline default encoder), computed here unless ``--features``
+names a cache written by ``--save-features``. Folds: 4, each holding out one slide of each organ
+(slide0+slide1, slide2+slide3, ...). In every fold SPADE is fitted on the 6 training slides twice: one expert, and
+``n_experts="auto"`` with ``tissue_key="organ"`` (one expert per organ: 2). Every number printed is measured in this
+run.
+
+Compared on the held-out slides, gene expression (log1p, the 50 most variable genes of the training slides)
+predicted by a ridge regression (features standardised over all training spots, alpha by leave-one-out CV) from 50
+and 200 labelled training spots (``--draws`` draws, the same spots for every representation) and from all of them;
+score: Pearson r per gene, averaged over genes:
+
+- ``base``: the frozen features;
+- ``K=1``: the single expert's embedding;
+- ``mixture hard`` / ``mixture soft``: the mixture's embedding with that routing;
+- ``mixture hard, aligned`` / ``mixture soft, aligned`` (a prototype, computed here, not in the package): each
+  expert's embedding space rotated (orthogonal Procrustes, generalised over the experts) so that the experts' gene
+  heads agree on the expression of every training spot. The experts share no weights, so without this their
+  256-d spaces are unrelated coordinate systems and a linear read-out of the mixture sees them superimposed.
+
+    python benchmarks/mixture.py                                   # ~3 min on 2 cores (features ~2.5 min of it)
+    python benchmarks/mixture.py --save-features /tmp/mixture_feats.npz
+    python benchmarks/mixture.py --features /tmp/mixture_feats.npz --epochs 100 --draws 20
+    python benchmarks/mixture.py --features /tmp/mixture_feats.npz --evaluate    # also tl.evaluate (slow: ~20 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--features", help="npz cache of the features (from --save-features)")
+    p.add_argument("--save-features", help="write the features to this npz")
+    p.add_argument("--epochs", type=int, default=50, help="max_epochs of tl.fit")
+    p.add_argument("--draws", type=int, default=20, help="draws of the few-shot read-outs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--evaluate", action="store_true", help="also run tl.evaluate (expression and retrieval) on the same folds"
+    )
+    return p.parse_args(argv)
+
+
+def cohort_with_features(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    import spade_sc as sp
+
+    cohort = sp.datasets.synthetic(n_slides=8, n_spots=300, image_size=2048, organ_programs=True, seed=0)
+    if args.features:
+        cached = np.load(args.features)
+        feats = {name: cached[name] for name in cohort}
+    else:
+        from spade_sc.encoders import get_encoder
+
+        encoder = get_encoder("efficientnet_lite0", device="cpu")
+        t0 = time.perf_counter()
+        feats = {
+            name: sp.pp.image_features(s, encoder=encoder, inplace=False, progress=False) for name, s in cohort.items()
+        }
+        print(f"features: {sum(len(f) for f in feats.values())} patches in {time.perf_counter() - t0:.0f} s")
+        if args.save_features:
+            np.savez(args.save_features, **feats)
+    for name, s in cohort.items():
+        s.tables["table"].obsm["X_feat"] = feats[name]
+    return cohort
+
+
+def procrustes_alignment(model, gene_input):
+    """One orthogonal (d x d) matrix per expert so that the experts' gene embeddings of ``gene_input`` agree."""
+    import numpy as np
+    import torch
+    from scipy.linalg import orthogonal_procrustes
+
+    with torch.no_grad():
+        g = model.module.gene_embed_all(torch.as_tensor(gene_input, dtype=torch.float32)).double().numpy()
+    rot = [np.eye(g.shape[2]) for _ in range(g.shape[1])]
+    for _ in range(20):  # generalised Procrustes: align every expert to the mean of the aligned experts
+        target = np.mean([g[:, k] @ rot[k] for k in range(g.shape[1])], axis=0)
+        rot = [orthogonal_procrustes(g[:, k], target)[0] for k in range(g.shape[1])]
+    return rot
+
+
+def embedding(model, x, routing, rotations=None):
+    import numpy as np
+    import torch
+
+    w = model.routing_weights(x, routing)
+    with torch.no_grad():
+        e = model.module.image_embed_all(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+    if rotations is not None:
+        e = np.stack([e[:, k] @ rotations[k] for k in range(e.shape[1])], axis=1)
+    return (w[:, :, None] * e).sum(axis=1)
+
+
+def ridge_pearson(x_train, y_train, x_test, y_test, x_all) -> float:
+    """Pearson r per gene (mean) of a ridge fitted on (x_train, y_train), features standardised on ``x_all``.
+
+    As in ``tl.evaluate``: the scaler sees the features (never the expression) of every training spot.
+    """
+    import numpy as np
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    from spade_sc.tl._evaluate import pearson_per_gene
+
+    scaler = StandardScaler().fit(x_all)
+    ridge = RidgeCV(alphas=np.logspace(-1, 6, 15)).fit(scaler.transform(x_train), y_train)
+    return float(np.nanmean(pearson_per_gene(y_test, ridge.predict(scaler.transform(x_test)))))
+
+
+def run_fold(cohort: dict, held: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    import numpy as np
+
+    import spade_sc as sp
+    from spade_sc.pp import gene_matrix
+
+    train = {k: v for k, v in cohort.items() if k not in held}
+    fit = dict(features_key="X_feat", max_epochs=args.epochs, progress=False, seed=args.seed)
+    single = sp.tl.fit({k: copy.copy(v) for k, v in train.items()}, n_experts=1, **fit)
+    mixture = sp.tl.fit({k: copy.copy(v) for k, v in train.items()}, n_experts="auto", tissue_key="organ", **fit)
+    x_train = np.concatenate([v.tables["table"].obsm["X_feat"] for v in train.values()])
+    x_test = np.concatenate([cohort[h].tables["table"].obsm["X_feat"] for h in held])
+    rot = procrustes_alignment(
+        mixture, np.concatenate([gene_matrix(v.tables["table"], mixture.genes) for v in train.values()])
+    )
+    reps = {
+        "base": (x_train, x_test),
+        "K=1": tuple(embedding(single, x, "hard") for x in (x_train, x_test)),
+        f"mixture (K={mixture.n_experts}) hard": tuple(embedding(mixture, x, "hard") for x in (x_train, x_test)),
+        f"mixture (K={mixture.n_experts}) soft": tuple(embedding(mixture, x, "soft") for x in (x_train, x_test)),
+        f"mixture (K={mixture.n_experts}) hard, aligned": tuple(
+            embedding(mixture, x, "hard", rot) for x in (x_train, x_test)
+        ),
+        f"mixture (K={mixture.n_experts}) soft, aligned": tuple(
+            embedding(mixture, x, "soft", rot) for x in (x_train, x_test)
+        ),
+    }
+    genes = single.genes
+    y_train = np.concatenate([gene_matrix(v.tables["table"], genes) for v in train.values()])
+    y_test = np.concatenate([gene_matrix(cohort[h].tables["table"], genes) for h in held])
+    top = np.argsort(-y_train.var(axis=0), kind="stable")[:50]
+    y_train, y_test = y_train[:, top], y_test[:, top]
+    rng = np.random.default_rng([args.seed, int(held[0].removeprefix("slide"))])
+    draws = {n: [rng.choice(len(x_train), n, replace=False) for _ in range(args.draws)] for n in (50, 200)}
+    out = {}
+    for name, (a, b) in reps.items():
+        scores = [np.mean([ridge_pearson(a[d], y_train[d], b, y_test, a) for d in draws[n]]) for n in (50, 200)]
+        out[name] = [*scores, ridge_pearson(a, y_train, b, y_test, a)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(args.threads))
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cohort = cohort_with_features(args)
+    folds = [[f"slide{i}", f"slide{i + 1}"] for i in range(0, 8, 2)]
+    t0 = time.perf_counter()
+    per_fold = [run_fold(cohort, held, args) for held in folds]
+    print(
+        f"4 folds x 2 fits ({args.epochs} epochs), {args.draws} draws, {args.threads} threads: "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    print("| representation | genes, 50 spots | genes, 200 | genes, all | / K=1 at 50 spots |")
+    print("|---|---|---|---|---|")
+    k1 = np.mean([f["K=1"][0] for f in per_fold])
+    for name in per_fold[0]:
+        m = np.array([f[name] for f in per_fold])
+        cells = " | ".join(f"{mu:.3f} ± {sd:.3f}" for mu, sd in zip(m.mean(0), m.std(0), strict=True))
+        print(f"| {name} | {cells} | {m[:, 0].mean() / k1:.2f} |")
+    if args.evaluate:
+        import pandas as pd
+
+        import spade_sc as sp
+
+        res = sp.tl.evaluate(
+            cohort,
+            features_key="X_feat",
+            representations=["base", "spade_soft", "spade_hard", "spade_uniform", "single_expert"],
+            tasks=("expression", "retrieval"),
+            folds=folds,
+            fit_kwargs={"max_epochs": args.epochs, "n_experts": "auto", "tissue_key": "organ"},
+            pca=(False,),
+            n_draws=args.draws,
+            seed=args.seed,
+            progress=False,
+        )
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(res.compare("single_expert"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
