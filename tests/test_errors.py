@@ -616,11 +616,86 @@ _visium_case(
 )
 _visium_case("h5-truncated", ValueError, r"filtered_feature_bc_matrix\.h5", lambda r: _truncate(r / _H5, 0.5))
 _visium_case("h5-missing", FileNotFoundError, r"filtered_feature_bc_matrix\.h5", lambda r: (r / _H5).unlink())
+_POS = "spatial/tissue_positions_list.csv"
+_POS_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+
+
+def _positions_with_header(root: Path, drop: list[str]) -> None:
+    """Rewrite the positions as Space Ranger 2's ``tissue_positions.csv`` (with a header), without ``drop``."""
+    frame = pd.read_csv(root / _POS, header=None, names=_POS_COLUMNS)
+    (root / _POS).unlink()
+    frame.drop(columns=drop).to_csv(root / "spatial/tissue_positions.csv", index=False)
+
+
+def _positions_edit_first_spot(root: Path) -> None:
+    """Replace the column pixel position of the count matrix's first spot by text."""
+    import h5py
+
+    with h5py.File(root / _H5, "r") as h5:
+        first = h5["matrix"]["barcodes"][0].decode()
+    lines = [
+        f"{line.rsplit(',', 1)[0]},x" if line.startswith(first) else line
+        for line in (root / _POS).read_text().splitlines()
+    ]
+    _replace(root / _POS, "\n".join(lines) + "\n")
+
+
+def _positions_as_parquet(root: Path) -> None:
+    frame = pd.read_csv(root / _POS, header=None, names=_POS_COLUMNS)
+    (root / _POS).unlink()
+    frame.to_parquet(root / "spatial/tissue_positions.parquet")
+
+
 _visium_case(
     "positions-garbage",
     ValueError,
-    r"visium",
-    lambda r: _replace(r / "spatial/tissue_positions_list.csv", "a,b\nc,d\n"),
+    r"tissue positions file .*tissue_positions_list\.csv lacks the columns",
+    lambda r: _replace(r / _POS, "a,b\nc,d\n"),
+)
+_visium_case(
+    "positions-empty", ValueError, r"tissue_positions_list\.csv cannot be read", lambda r: _replace(r / _POS, "")
+)
+_visium_case(
+    "positions-truncated",
+    ValueError,
+    r"tissue_positions_list\.csv has no position for \d+ of the 100 spots",
+    lambda r: _truncate(r / _POS, 0.5),
+)
+_visium_case(
+    "positions-missing-column",
+    ValueError,
+    r"tissue_positions\.csv lacks the columns \['pxl_col_in_fullres'\]",
+    lambda r: _positions_with_header(r, ["pxl_col_in_fullres"]),
+)
+_visium_case(
+    "positions-not-a-number",
+    ValueError,
+    r"tissue_positions_list\.csv has no finite pixel position .* 1 spot",
+    _positions_edit_first_spot,
+)
+_visium_case(
+    "positions-duplicated",
+    ValueError,
+    r"tissue_positions_list\.csv lists the barcodes",
+    lambda r: _replace(r / _POS, (r / _POS).read_text() * 2),
+)
+_visium_case("positions-missing", FileNotFoundError, r"tissue_positions_list\.csv", lambda r: (r / _POS).unlink())
+_visium_case("positions-parquet-only", ValueError, r"tissue_positions\.parquet", _positions_as_parquet)
+_visium_case(
+    "positions-file-name",
+    ValueError,
+    r"tissue_positions_file='spatial/spots\.csv'",
+    lambda r: None,
+    tissue_positions_file="spatial/spots.csv",
+)
+_visium_case(
+    "scalefactors-no-lowres",
+    ValueError,
+    r"scalefactors_json\.json has no positive 'tissue_lowres_scalef'",
+    lambda r: _edit_json(r / _SCALE, lambda f: f.pop("tissue_lowres_scalef")),
+)
+_visium_case(
+    "scalefactors-list", ValueError, r"scalefactors_json\.json holds a JSON list", lambda r: _replace(r / _SCALE, "[1]")
 )
 _visium_case("fullres-missing", FileNotFoundError, r"full\.tif", lambda r: None, fullres_image_file="full.tif")
 _visium_case("dataset_id-path", ValueError, r"dataset_id='\.\./x'", lambda r: None, dataset_id="../x")
@@ -932,6 +1007,119 @@ def _(r: Res, tmp: Path) -> Built:
     c = r.cohort(features=False)
     c["slide1"].attrs.clear()
     return (lambda: _fit(c, features_key=None, encoder=r.encoder)), [c]
+
+
+# ---- tl.evaluate: every slide checked before any fold trains ---------------------------------------------------------
+#: A small evaluation: one-epoch single-expert SPADE, 5 target genes, no few-shot rows.
+EVAL = {
+    "features_key": FEATURES,
+    "fit_kwargs": {"n_top_genes": 10, "n_experts": 1, "max_epochs": 1, "batch_size": 64, "validation_fraction": 0},
+    "n_genes": 5,
+    "shots": (),
+    "gene_shots": (),
+    "n_draws": 1,
+    "pca": (False,),
+    "n_pca": 4,
+    "retrieval_k": 3,
+    "projection_dim": 4,
+    "progress": False,
+}
+
+
+def _evaluate(c: Any, **kw: Any) -> Any:
+    return sp.tl.evaluate(c, **{**EVAL, **kw})
+
+
+def _eval_cohort(r: Res, tmp: Path) -> dict[str, SpatialData]:
+    c = r.cohort()
+    for i, s in enumerate(c.values()):
+        s.tables["table"].obs["cluster"] = pd.Categorical(np.where(np.arange(s.tables["table"].n_obs) % 2, "a", "b"))
+        s.tables["table"].obs["patient"] = f"p{i}"
+    return c
+
+
+_calls(
+    "evaluate",
+    _evaluate,
+    _eval_cohort,
+    [
+        ("features-missing", {"features_key": "X_uni"}, KeyError, r"Slide 'slide0'.*obsm\['X_uni'\] is missing"),
+        ("label_key-unknown", {"label_key": "grade"}, KeyError, r"Slide 'slide0'.*obs\['grade'\] is missing"),
+        (
+            "label_group_key-unknown",
+            {"label_key": "cluster", "label_group_key": "donor"},
+            KeyError,
+            r"Slide 'slide0'.*obs\['donor'\] is missing",
+        ),
+        ("representation-unknown", {"representations": ["base", "X_nope"]}, ValueError, r"Representation 'X_nope'"),
+        ("folds-unknown", {"folds": [["slide9"]]}, ValueError, r"Fold 'slide9'.*\['slide9'\]"),
+        ("folds-one-unknown-id", {"folds": "slide9"}, ValueError, r"Fold 'slide9'.*\['slide9'\]"),
+        ("folds-all-slides", {"folds": [["slide0", "slide1"]]}, ValueError, r"leaves no slide to train on"),
+        ("fit_kwargs-unknown", {"fit_kwargs": {"depth": 3}}, ValueError, r"fit_kwargs \['depth'\]"),
+        (
+            "fit_kwargs-unknown-no-spade",
+            {"fit_kwargs": {"depth": 3}, "representations": ["base"]},
+            ValueError,
+            r"fit_kwargs \['depth'\]",
+        ),
+        ("fit_kwargs-reserved", {"fit_kwargs": {"key_added": "x"}}, ValueError, r"fit_kwargs may not set 'key_added'"),
+        ("fit_kwargs-type", {"fit_kwargs": ["n_experts"]}, TypeError, r"fit_kwargs must be a mapping"),
+        ("fit_kwargs-value", {"fit_kwargs": {**EVAL["fit_kwargs"], "n_experts": 0}}, ValueError, r"n_experts"),
+        ("tasks-unknown", {"tasks": ["segmentation"]}, ValueError, r"tasks='segmentation'"),
+        ("table_key-unknown", {"table_key": "spots"}, KeyError, r"table_key='spots'"),
+        ("n_genes-0", {"n_genes": 0}, ValueError, r"n_genes"),
+    ],
+)
+
+
+def _evaluate_case(id_: str, exc: type[BaseException], match: str, corrupt: Callable[[dict], Any]) -> None:
+    def build(r: Res, tmp: Path) -> Built:
+        c = _eval_cohort(r, tmp)
+        corrupt(c)
+        return (lambda: _evaluate(c)), [c]
+
+    CASES.append(Case(f"evaluate-{id_}", build, exc, match))
+
+
+def _scale_counts(c: dict, sid: str, factor: float, first: float | None = None) -> None:
+    t = c[sid].tables["table"]
+    x = t.X.toarray().astype(np.float32) * factor
+    if first is not None:
+        x[0, 0] = first
+    t.X = sparse.csr_matrix(x)
+
+
+def _drop_obsm(c: dict, sid: str) -> None:
+    del c[sid].tables["table"].obsm[FEATURES]
+
+
+def _nan_features(c: dict, sid: str) -> None:
+    c[sid].tables["table"].obsm[FEATURES][:3] = np.nan
+
+
+#: Corruptions of one slide that evaluate must refuse before the first fold trains (slide0 is the first held out).
+EVALUATE_CORRUPTIONS: dict[str, tuple[type[BaseException], str, Callable[[dict], Any]]] = {
+    "features-missing-second": (
+        KeyError,
+        r"Slide 'slide1'.*obsm\['X_feat'\] is missing",
+        lambda c: _drop_obsm(c, "slide1"),
+    ),
+    "features-nan-second": (ValueError, r"Slide 'slide1'.*NaN or infinite", lambda c: _nan_features(c, "slide1")),
+    "zero-counts-held-out": (ValueError, r"Slide 'slide0'.*holds no counts", lambda c: _scale_counts(c, "slide0", 0)),
+    "zero-counts-second": (ValueError, r"Slide 'slide1'.*holds no counts", lambda c: _scale_counts(c, "slide1", 0)),
+    "negative-counts-held-out": (
+        ValueError,
+        r"Slide 'slide0'.*1 negative count",
+        lambda c: _scale_counts(c, "slide0", 1, first=-1),
+    ),
+    "nan-counts-second": (
+        ValueError,
+        r"Slide 'slide1'.*NaN or infinite count",
+        lambda c: _scale_counts(c, "slide1", 1, first=np.nan),
+    ),
+}
+for _id, (_exc, _match, _corrupt) in EVALUATE_CORRUPTIONS.items():
+    _evaluate_case(_id, _exc, _match, _corrupt)
 
 
 # ---- tl.embed --------------------------------------------------------------------------------------------------------
@@ -1321,6 +1509,32 @@ def test_slide_embeddings_writes_every_slide(res):
     assert list(adata.obs_names) == ["slide0", "slide1"]
     for s in c.values():
         assert "X_mean" in s.tables["image_tiles_table"].obsm and "spade_slides" in s.tables
+
+
+@pytest.mark.parametrize("name", list(EVALUATE_CORRUPTIONS))
+def test_evaluate_refuses_before_any_training(name, res, tmp_path, monkeypatch):
+    exc, match, corrupt = EVALUATE_CORRUPTIONS[name]
+    c = _eval_cohort(res, tmp_path)
+    corrupt(c)
+    trained = []
+    monkeypatch.setattr("spade_sc.tl._evaluate.fit", lambda *a, **k: trained.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(exc, match=match):
+            _evaluate(c)
+    assert not trained, f"{name}: a fold trained before the error"
+
+
+def test_evaluate_works_on_copies_and_takes_a_single_fold_id(res, tmp_path):
+    c = _eval_cohort(res, tmp_path)
+    before = snapshot(c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few spots per tissue, one-epoch training
+        result = _evaluate(c, folds="slide0", representations=["base", "spade_soft"], label_key="cluster")
+    assert list(result.protocol["folds"]) == ["slide0"]
+    assert result.protocol["folds"]["slide0"]["test"] == ["slide0"]
+    assert set(result.table["representation"]) == {"base", "spade_soft"}
+    assert snapshot(c) == before, "evaluate wrote into the cohort"
 
 
 def test_slide_embeddings_from_base_features_reads_no_image(res):

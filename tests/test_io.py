@@ -593,3 +593,182 @@ def test_wsidata_slide_works_downstream(tiff, crop, mean_encoder):
         wsi, encoder=mean_encoder, shapes_key="tiles", mpp=2.0, patch_size=64, inplace=False, progress=False
     )
     np.testing.assert_allclose(feats, b.obsm["X_mean"], atol=5e-3)
+
+
+def test_wsidata_slide_embed_slide_embeddings_and_attention(tiff, crop, mean_encoder, one_torch_thread, tmp_path):
+    """tl.embed, tl.slide_embeddings, tl.attention and pl.attention on slides opened by wsidata.open_wsi."""
+    wsidata = pytest.importorskip("wsidata")
+    from matplotlib.image import imread
+
+    _, mpp, sub = crop
+    # a tiny SPADE model on the crop's spots (mean-colour features, one expert, one epoch)
+    train = sp.io.read_wsi(tiff, name="slide")
+    _with_spots(train, "slide", sub, np.full(sub.n_obs, 50.0 / mpp))
+    model = sp.tl.fit(
+        train,
+        encoder=mean_encoder,
+        feature_kwargs={"mpp": 2.0, "patch_size": 64, "num_workers": 0},
+        n_experts=1,
+        n_top_genes=20,
+        max_epochs=1,
+        progress=False,
+    )
+    torch.set_num_threads(1)
+    slides = {}
+    for sid in ("a", "b"):
+        wsi = wsidata.open_wsi(str(tiff), store=None, attach_images=True, save_images=True)
+        sp.pp.set_pixel_size(wsi, wsi.properties.mpp)
+        sp.pp.tile_tissue(wsi, image_key="wsi", mpp=2.0, tile_size=64)
+        # the model's encoder is a test nn.Module that cannot be rebuilt from its spec: features computed here
+        sp.pp.image_features(wsi, encoder=mean_encoder, shapes_key="wsi_tiles", mpp=2.0, patch_size=64, progress=False)
+        slides[sid] = wsi
+    # tl.embed on the tiles table of a wsidata slide
+    sp.tl.embed(slides["a"], model, table_key="wsi_tiles_table", progress=False)
+    tiles = slides["a"].tables["wsi_tiles_table"]
+    assert tiles.obsm["X_spade"].shape[0] == tiles.n_obs > 20 and np.isfinite(tiles.obsm["X_spade"]).all()
+    assert tiles.obsm["X_mean"].shape == (tiles.n_obs, 3)
+    # tl.slide_embeddings over both (slide b is embedded here, slide a's tiles are pooled as they are)
+    labels = pd.DataFrame({"group": ["x", "y"]}, index=["a", "b"])
+    adata = sp.tl.slide_embeddings(slides, model, labels=labels, progress=False)
+    assert list(adata.obs_names) == ["a", "b"]
+    np.testing.assert_allclose(adata.obsm["X_spade"][0], tiles.obsm["X_spade"].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adata.obsm["X_spade"][0], adata.obsm["X_spade"][1], atol=1e-4)  # the same slide
+    # MIL attention over the tiles, and its heatmap over the wsidata image
+    result = sp.tl.train_mil(
+        slides, label_key="group", labels=adata, folds=None, max_epochs=1, hidden=16, attention_dim=8
+    )
+    sp.tl.attention(slides["a"], result.model)
+    assert tiles.obs["spade_attention_pct"].between(0, 1).all()
+    heat, bare = tmp_path / "heat.png", tmp_path / "bare.png"
+    sp.pl.attention(slides["a"], threshold=0.0, show=False, save=heat)
+    sp.pl.attention(slides["a"], threshold=1.0, show=False, save=bare)
+    a, b = imread(heat)[..., :3], imread(bare)[..., :3]
+    assert a.shape == b.shape and (np.abs(a - b).max(-1) > 0.05).mean() > 0.02
+    # LazySlide's own tiles (wsidata.io.add_tiles: level-0 boxes in "tiles") embedded, attended and drawn
+    from wsidata import TileSpec
+    from wsidata.io import add_tiles
+
+    wsi = slides["b"]
+    spec = TileSpec.from_wsidata(wsi, tile_px=64, mpp=2.0)
+    xy = wsi.tables["wsi_tiles_table"].obsm["spatial"] - spec.base_width / 2
+    add_tiles(wsi, "tiles", xy, spec, np.zeros(len(xy), int), transformations={"global": Identity()})
+    obs = pd.DataFrame({"tile_id": np.arange(len(xy)), "library_id": pd.Categorical(["tiles"] * len(xy))})
+    obs.index = obs.index.astype(str)
+    wsi.tables["tiles_table"] = TableModel.parse(
+        ad.AnnData(obs=obs), region="tiles", region_key="library_id", instance_key="tile_id"
+    )
+    sp.pp.image_features(wsi, encoder=mean_encoder, shapes_key="tiles", mpp=2.0, patch_size=64, progress=False)
+    sp.tl.embed(wsi, model, shapes_key="tiles", table_key="tiles_table", progress=False)
+    lazy = wsi.tables["tiles_table"]
+    np.testing.assert_allclose(lazy.obsm["X_spade"], wsi.tables["wsi_tiles_table"].obsm["X_spade"], atol=5e-3)
+    sp.tl.attention(wsi, result.model, tiles_key="tiles")
+    assert lazy.obs["spade_attention_pct"].between(0, 1).all()
+    sp.pl.attention(wsi, tiles_key="tiles", image_key="wsi", threshold=0.0, show=False)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Visium HD
+# ---------------------------------------------------------------------------------------------------------------------
+def _write_10x_h5(path: Path, counts: np.ndarray, barcodes: list[str], genes: list[str]) -> None:
+    """A count matrix as Space Ranger writes filtered_feature_bc_matrix.h5 (CSC, genes x barcodes)."""
+    import h5py
+
+    x = sparse.csc_matrix(counts.T)
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["barcodes"] = np.array(barcodes, dtype="S")
+        m["data"], m["indices"] = x.data.astype(np.int32), x.indices.astype(np.int64)
+        m["indptr"], m["shape"] = x.indptr.astype(np.int64), np.array(x.shape, dtype=np.int32)
+        ft = m.create_group("features")
+        ft["id"] = ft["name"] = np.array(genes, dtype="S")
+        ft["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
+        ft["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+        ft["_all_tag_keys"] = np.array([b"genome"])
+
+
+def write_visium_hd(root: Path, tiff: Path, mpp: float, bin_size: int = 16, n: int = 8, start: float = 400.0) -> None:
+    """A Visium HD outs/ folder (feature_slice.h5, one bin size, the TIFF as microscope image) as Space Ranger lays
+    it out: an n x n grid of bins from ``start`` px."""
+    import h5py
+
+    root.mkdir(parents=True)
+    layout = {"file_format": "1.0", "transform": np.eye(3).ravel().tolist()}
+    with h5py.File(root / "feature_slice.h5", "w") as f:
+        f.attrs["metadata_json"] = json.dumps({"hd_layout_json": json.dumps(layout)})
+    bins = root / "binned_outputs" / f"square_{bin_size:03d}um"
+    (bins / "spatial").mkdir(parents=True)
+    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    barcodes = [f"s_{bin_size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
+    counts = np.random.default_rng(0).poisson(3, size=(len(barcodes), 12))
+    _write_10x_h5(bins / "filtered_feature_bc_matrix.h5", counts, barcodes, [f"g{i}" for i in range(12)])
+    factors = {
+        "bin_size_um": float(bin_size),
+        "spot_diameter_fullres": bin_size / mpp,
+        "microns_per_pixel": mpp,
+        "tissue_hires_scalef": 0.2,
+        "tissue_lowres_scalef": 0.05,
+    }
+    (bins / "spatial" / "scalefactors_json.json").write_text(json.dumps(factors))
+    side = bin_size / mpp
+    positions = pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": 1,
+            "array_row": rows,
+            "array_col": cols,
+            "pxl_row_in_fullres": start + rows * side,
+            "pxl_col_in_fullres": start + cols * side,
+        }
+    )
+    positions.to_parquet(bins / "spatial" / "tissue_positions.parquet")
+    (root / "microscope_image").mkdir()
+    shutil.copy(tiff, root / "microscope_image" / "image.tif")
+
+
+@pytest.mark.filterwarnings("ignore:No image path found containing the (hires|lowres)")
+def test_read_visium_hd_bins_as_spots(tiff, crop, mean_encoder, one_torch_thread, tmp_path):
+    pytest.importorskip("pyarrow")
+    rgb, mpp, _ = crop
+    write_visium_hd(tmp_path / "outs", tiff, mpp)
+    sdata = sp.io.read_visium_hd(tmp_path / "outs", dataset_id="hd")
+    assert sp.pp.pixel_size(sdata) == pytest.approx(mpp)
+    assert "hd_full_image" in sdata.images and sdata.attrs["spade_sc"]["wsi"]["mpp"] == pytest.approx(mpp)
+    table = sdata.tables["square_016um"]
+    assert table.n_obs == 64 and sparse.issparse(table.X) and "hd_square_016um" in sdata.shapes
+    # the bins are SPADE's spots: the feature of a bin is the mean colour of the image around its centre
+    feats = sp.pp.image_features(
+        sdata, encoder=mean_encoder, image_key="hd_full_image", mpp=2.0, patch_size=16, inplace=False, progress=False
+    )
+    side = round(16 * 2.0 / mpp)
+    for i in (0, 27, 63):
+        x, y = table.obsm["spatial"][i]
+        x0, y0 = round(x - side / 2), round(y - side / 2)
+        window = rgb[y0 : y0 + side, x0 : x0 + side].reshape(-1, 3).mean(0) / 255
+        assert feats[i] == pytest.approx(window, abs=0.02)
+    # and tl.fit takes them as they are (a tiny fit)
+    kwargs = {"image_key": "hd_full_image", "mpp": 2.0, "patch_size": 16, "num_workers": 0}
+    sp.tl.fit(sdata, encoder=mean_encoder, feature_kwargs=kwargs, n_experts=1, max_epochs=1, progress=False)
+    torch.set_num_threads(1)
+    assert table.obsm["X_spade"].shape[0] == 64 and np.isfinite(table.obsm["X_spade"]).all()
+
+
+@pytest.mark.filterwarnings("ignore:No image path found containing the (hires|lowres)")
+def test_read_visium_hd_bad_input(tiff, crop, tmp_path):
+    pytest.importorskip("pyarrow")
+    _, mpp, _ = crop
+    write_visium_hd(tmp_path / "outs", tiff, mpp)
+    with pytest.raises(FileNotFoundError, match=r"square_008um.*present: \['square_016um'\]"):
+        sp.io.read_visium_hd(tmp_path / "outs", bin_size=8)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sp.io.read_visium_hd(tmp_path / "nothing")
+    shutil.rmtree(tmp_path / "outs" / "microscope_image")
+    with pytest.warns(UserWarning, match="no full-resolution image"):
+        sdata = sp.io.read_visium_hd(tmp_path / "outs", dataset_id="hd")
+    assert "hd_full_image" not in sdata.images
+    assert sdata.attrs["spade_sc"]["microns_per_unit"]["hd"] == pytest.approx(mpp)
+    write_visium_hd(tmp_path / "far", tiff, mpp, start=50_000.0)
+    with pytest.raises(ValueError, match="fall outside the full-resolution image"):
+        sp.io.read_visium_hd(tmp_path / "far")

@@ -5,7 +5,7 @@ Each reader returns SpatialData objects with the pixel size recorded where every
 """
 
 from ._hest import read_hest
-from ._visium import read_visium
+from ._visium import read_visium, read_visium_hd
 from ._wsi import read_wsi
 
-__all__ = ["read_hest", "read_visium", "read_wsi"]
+__all__ = ["read_hest", "read_visium", "read_visium_hd", "read_wsi"]

@@ -102,6 +102,12 @@ def read_wsi(
       Transparent (unscanned) areas are composited onto white.
     - ``"auto"``: tiffslide, then OpenSlide when tiffslide cannot open the file or when the file is not a TIFF.
 
+    Slides opened by wsidata / LazySlide (``wsidata.open_wsi(path, attach_images=True, save_images=True)``) are
+    SpatialData objects as well: once their pixel size is recorded (``spade_sc.pp.set_pixel_size(wsi,
+    wsi.properties.mpp)``) they go through ``pp.tile_tissue``, ``pp.image_features``, ``tl.embed``,
+    ``tl.slide_embeddings``, ``tl.train_mil``, ``tl.attention`` and ``pl.attention`` unchanged, LazySlide's own
+    tiles (``"tiles"``, once a table annotates them) included through ``shapes_key=`` / ``tiles_key="tiles"``.
+
     Parameters
     ----------
     path

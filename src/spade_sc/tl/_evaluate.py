@@ -37,7 +37,16 @@ from .._constants import EVALUATION_TASKS, EXTRA_REPRESENTATIONS, REPRESENTATION
 from .._sdata import Spots, as_cohort, features_matrix, resolve_spots
 from .._validation import check_choice, check_int, check_ints
 from ..pp import gene_matrix
-from ..pp._genes import _check_counts, _counts, _counts_source, _spot_scale
+from ..pp._genes import (
+    _check_counts,
+    _check_has_counts,
+    _check_unique,
+    _counts,
+    _counts_source,
+    _shared_genes,
+    _spot_scale,
+    _where,
+)
 from ._spade import fit, model_features, model_gene_input
 
 if TYPE_CHECKING:
@@ -740,6 +749,8 @@ def _check_settings(
 def _resolve_folds(
     slides: list[str], folds: Mapping[str, Sequence[str]] | Sequence[Sequence[str]] | None
 ) -> dict[str, list[str]]:
+    if isinstance(folds, str):
+        folds = [[folds]]  # one held-out slide, never the characters of its id
     if folds is None:
         if len(slides) < 2:
             msg = "evaluate needs at least two slides (one slide out, the others to train on)."
@@ -809,8 +820,34 @@ def _labels(spots: Mapping[str, Spots], label_key: str, group_key: str | None) -
     return labels
 
 
+def _check_counts_of_slides(spots: Mapping[str, Spots]) -> None:
+    """Every slide's counts, checked before any fold: unique gene names, no NaN / negative value, some counts."""
+    tables = {}
+    for sid, s in spots.items():
+        source = _counts_source(s.table, None, f"Slide {sid!r}, table {s.table_key!r}")
+        where = _where(sid, s.table_key, source)
+        _check_unique(s.table, where)
+        _check_counts(_counts(s.table, source), where)
+        tables[sid] = (s.table_key, s.table, source)
+    shared = _shared_genes({sid: (key, table) for sid, (key, table, _) in tables.items()})
+    for sid, (key, table, source) in tables.items():
+        _check_has_counts(table, source, shared, _where(sid, key, source))
+
+
 def _check_fit_kwargs(fit_kwargs: Mapping[str, Any] | None, seed: int) -> dict[str, Any]:
+    import inspect
+
+    from ._spade import fit as spade_fit  # the function itself, even where a test stands in for ``fit`` here
+
+    if fit_kwargs is not None and not isinstance(fit_kwargs, Mapping):
+        msg = f"fit_kwargs must be a mapping of arguments of spade_sc.tl.fit, got {type(fit_kwargs).__name__}."
+        raise TypeError(msg)
     fit_kwargs = dict(fit_kwargs or {})
+    known = set(inspect.signature(spade_fit).parameters) - {"sdata_or_cohort"}
+    unknown = sorted(str(k) for k in fit_kwargs if k not in known)
+    if unknown:
+        msg = f"fit_kwargs {unknown} are not arguments of spade_sc.tl.fit; it takes {sorted(known)}."
+        raise ValueError(msg)
     for k in ("key_added", "features_key", "table_key"):
         if k in fit_kwargs:
             msg = f"fit_kwargs may not set {k!r} (evaluate sets it)."
@@ -1062,6 +1099,8 @@ def evaluate(
     _check_obsm_representations(spots, settings.representations)
     labels = _labels(spots, label_key, label_group_key) if "label" in settings.tasks else {}
     fit_kwargs = _check_fit_kwargs(fit_kwargs, seed)
+    if {"expression", "retrieval"} & set(settings.tasks) or set(_SPADE_ROUTING) & set(settings.representations):
+        _check_counts_of_slides(spots)  # before any fold trains a model or reads expression
     fixed = _fixed_representations(feats, settings.representations, projection_dim, seed, fit_kwargs["seed"])
     data = _Cohort(features_key=features_key, spots=spots, feats=feats, labels=labels, fixed=fixed)
     protocol = _protocol(
