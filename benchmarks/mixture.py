@@ -15,16 +15,20 @@ score: Pearson r per gene, averaged over genes:
 
 - ``base``: the frozen features;
 - ``K=1``: the single expert's embedding;
-- ``mixture hard`` / ``mixture soft``: the mixture's embedding with that routing;
-- ``mixture hard, aligned`` / ``mixture soft, aligned`` (a prototype, computed here, not in the package): each
-  expert's embedding space rotated (orthogonal Procrustes, generalised over the experts) so that the experts' gene
-  heads agree on the expression of every training spot. The experts share no weights, so without this their
-  256-d spaces are unrelated coordinate systems and a linear read-out of the mixture sees them superimposed.
+- ``mixture hard, aligned`` / ``mixture soft, aligned``: the mixture's embedding with that routing, as ``tl.fit``
+  writes it: each expert's space rotated into one common space (``align_experts=True``, orthogonal Procrustes
+  generalised over the experts, so that the experts' gene heads agree on the expression of every training spot);
+- ``mixture hard, unaligned`` / ``mixture soft, unaligned``: the same model without the rotations (the paper's
+  mixture, ``align_experts=False``). The experts share no weights, so their 256-d spaces are unrelated coordinate
+  systems and a linear read-out of the unaligned mixture sees them superimposed.
 
     python benchmarks/mixture.py                                   # ~3 min on 2 cores (features ~2.5 min of it)
     python benchmarks/mixture.py --save-features /tmp/mixture_feats.npz
     python benchmarks/mixture.py --features /tmp/mixture_feats.npz --epochs 100 --draws 20
-    python benchmarks/mixture.py --features /tmp/mixture_feats.npz --evaluate    # also tl.evaluate (slow: ~20 min)
+    python benchmarks/mixture.py --features /tmp/mixture_feats.npz --evaluate --draws 10   # + tl.evaluate (~20 min)
+
+``--evaluate`` also runs :func:`spade_sc.tl.evaluate` (expression and retrieval, leave one slide out over slide0-slide3,
+the mixture's routings against ``single_expert``), whose retrieval task works in SPADE's joint space.
 """
 
 from __future__ import annotations
@@ -75,21 +79,6 @@ def cohort_with_features(args: argparse.Namespace) -> dict:
     return cohort
 
 
-def procrustes_alignment(model, gene_input):
-    """One orthogonal (d x d) matrix per expert so that the experts' gene embeddings of ``gene_input`` agree."""
-    import numpy as np
-    import torch
-    from scipy.linalg import orthogonal_procrustes
-
-    with torch.no_grad():
-        g = model.module.gene_embed_all(torch.as_tensor(gene_input, dtype=torch.float32)).double().numpy()
-    rot = [np.eye(g.shape[2]) for _ in range(g.shape[1])]
-    for _ in range(20):  # generalised Procrustes: align every expert to the mean of the aligned experts
-        target = np.mean([g[:, k] @ rot[k] for k in range(g.shape[1])], axis=0)
-        rot = [orthogonal_procrustes(g[:, k], target)[0] for k in range(g.shape[1])]
-    return rot
-
-
 def embedding(model, x, routing, rotations=None):
     import numpy as np
     import torch
@@ -130,14 +119,16 @@ def run_fold(cohort: dict, held: list[str], args: argparse.Namespace) -> dict[st
     mixture = sp.tl.fit({k: copy.copy(v) for k, v in train.items()}, n_experts="auto", tissue_key="organ", **fit)
     x_train = np.concatenate([v.tables["table"].obsm["X_feat"] for v in train.values()])
     x_test = np.concatenate([cohort[h].tables["table"].obsm["X_feat"] for h in held])
-    rot = procrustes_alignment(
-        mixture, np.concatenate([gene_matrix(v.tables["table"], mixture.genes) for v in train.values()])
-    )
+    rot = mixture.alignment_  # tl.fit's default (align_experts=True); the rows "unaligned" leave it out
     reps = {
         "base": (x_train, x_test),
         "K=1": tuple(embedding(single, x, "hard") for x in (x_train, x_test)),
-        f"mixture (K={mixture.n_experts}) hard": tuple(embedding(mixture, x, "hard") for x in (x_train, x_test)),
-        f"mixture (K={mixture.n_experts}) soft": tuple(embedding(mixture, x, "soft") for x in (x_train, x_test)),
+        f"mixture (K={mixture.n_experts}) hard, unaligned": tuple(
+            embedding(mixture, x, "hard") for x in (x_train, x_test)
+        ),
+        f"mixture (K={mixture.n_experts}) soft, unaligned": tuple(
+            embedding(mixture, x, "soft") for x in (x_train, x_test)
+        ),
         f"mixture (K={mixture.n_experts}) hard, aligned": tuple(
             embedding(mixture, x, "hard", rot) for x in (x_train, x_test)
         ),
@@ -192,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             features_key="X_feat",
             representations=["base", "spade_soft", "spade_hard", "spade_uniform", "single_expert"],
             tasks=("expression", "retrieval"),
-            folds=folds,
+            folds=[[f"slide{i}"] for i in range(4)],  # leave one slide out, over slide0-slide3
             fit_kwargs={"max_epochs": args.epochs, "n_experts": "auto", "tissue_key": "organ"},
             pca=(False,),
             n_draws=args.draws,

@@ -849,6 +849,79 @@ def test_spade_model_train_experts_per_step():
         torch.use_deterministic_algorithms(deterministic)
 
 
+def test_expert_alignment_recovers_rotations():
+    from spade_sc.model import expert_alignment
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    q = [torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0] for _ in range(2)]
+    # three experts: the same embedding in three coordinate systems (plus a little noise in one)
+    experts = torch.stack([base, base @ q[0], base @ q[1] + 1e-3 * torch.randn(200, 8, generator=g)], dim=1)
+    rot = expert_alignment(experts.float())
+    assert rot.shape == (3, 8, 8) and rot.dtype == torch.float32
+    torch.testing.assert_close(rot @ rot.transpose(1, 2), torch.eye(8).expand(3, 8, 8), atol=1e-5, rtol=0)
+    aligned = torch.einsum("nkd,kde->nke", experts.float(), rot)
+    assert (aligned[:, 1] - aligned[:, 0]).norm() / aligned[:, 0].norm() < 1e-5
+    assert (aligned[:, 2] - aligned[:, 0]).norm() / aligned[:, 0].norm() < 1e-2
+    assert (experts[:, 1] - experts[:, 0]).norm() / experts[:, 0].norm() > 0.5  # they were not aligned before
+
+
+def test_spade_model_aligns_its_experts(tmp_path):
+    from spade_sc.model import DataExperts, SpadeModel
+    from spade_sc.model._schema import ALIGNMENT_TENSOR
+
+    image, gene, expert = (t.numpy() for t in _synthetic(n=192, n_experts=3))
+    experts = DataExperts(
+        centroids=np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32),
+        centroid_tissue=np.array(["all"] * 3),
+        centroid_expert=np.arange(3),
+        n_experts=3,
+    )
+    pairs = {"a": (image[:150], gene[:150], expert[:150]), "b": (image[150:], gene[150:], expert[150:])}
+    genes = [f"g{i}" for i in range(12)]
+    models = {}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        for align in (True, False):
+            models[align] = SpadeModel(experts, genes, 16, features_key="X_test", proj_dim=16).train(
+                pairs, validation=["b"], max_epochs=2, batch_size=16, progress=False, align_experts=align
+            )
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    aligned, plain = models[True], models[False]
+    assert plain.alignment_ is None and plain.train_params_["align_experts"] is False
+    rot = aligned.alignment_
+    assert rot.shape == (3, 16, 16) and aligned.train_params_["align_experts"] is True
+    np.testing.assert_allclose(rot @ rot.transpose(0, 2, 1), np.broadcast_to(np.eye(16), rot.shape), atol=1e-5)
+    # the same weights (alignment comes after training); each expert's embedding is rotated by its own matrix
+    torch.testing.assert_close(aligned.module.state_dict(), plain.module.state_dict(), atol=0, rtol=0)
+    e_aligned, w = aligned.get_image_embedding(image, "hard")
+    e_plain, _ = plain.get_image_embedding(image, "hard")
+    k = w.argmax(1)
+    np.testing.assert_allclose(e_aligned, np.einsum("nd,nde->ne", e_plain, rot[k]), atol=1e-5)
+    # the experts' gene embeddings of the same expression now agree far better than before
+    with torch.no_grad():
+        g_all = aligned.module.gene_embed_all(torch.as_tensor(gene)).numpy()
+    spread_before = np.linalg.norm(g_all - g_all.mean(1, keepdims=True))
+    g_rot = np.einsum("nkd,kde->nke", g_all, rot)
+    assert np.linalg.norm(g_rot - g_rot.mean(1, keepdims=True)) < 0.8 * spread_before
+    # saved and loaded bit-identically; a corrupted rotation is refused, naming the tensor
+    loaded = SpadeModel.load(aligned.save(tmp_path / "m"))
+    np.testing.assert_array_equal(loaded.alignment_, rot)
+    np.testing.assert_array_equal(
+        loaded.get_image_embedding(image, "soft")[0], aligned.get_image_embedding(image, "soft")[0]
+    )
+    assert loaded.fingerprint() == aligned.fingerprint() != plain.fingerprint()
+    from safetensors.numpy import load_file, save_file
+
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors[ALIGNMENT_TENSOR] = 2 * tensors[ALIGNMENT_TENSOR]
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"alignment\.rotations"):
+        SpadeModel.load(tmp_path / "m")
+
+
 def test_lightning_step_accepts_dict_batch_and_validates():
     module = SpadeLightningModule(BatchedExperts(2, 16, 12, proj_dim=32, seed=0))
     module.log = lambda *args, **kwargs: None  # not attached to a Trainer

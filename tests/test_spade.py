@@ -48,6 +48,8 @@ def test_fit_on_her2st_and_embed_held_out(fitted, tmp_path):
     uniform, _ = model.get_image_embedding(x, "uniform")
     with torch.no_grad():
         per_expert = model.module.image_embed_all(torch.as_tensor(x)).numpy()
+    assert model.alignment_.shape == (4, 256, 256)  # each expert's space rotated into the common one
+    per_expert = np.einsum("nkd,kde->nke", per_expert, model.alignment_)
     np.testing.assert_allclose(uniform, per_expert.mean(1), atol=1e-5)
     rows = np.arange(len(x))
     np.testing.assert_allclose(hard, per_expert[rows, w_hard.argmax(1)], atol=1e-5)

@@ -38,6 +38,7 @@ _EXPORTS = {
     "risk_from_hazards": "_mil",
     "ROUTING_MODES": "_routing",
     "mixture_embed": "_routing",
+    "expert_alignment": "_routing",
     "route": "_routing",
     "ExpertBatchSampler": "_sampler",
 }

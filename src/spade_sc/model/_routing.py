@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROUTING_MODES", "mixture_embed", "route"]
+__all__ = ["ROUTING_MODES", "align", "expert_alignment", "mixture_embed", "route"]
 
 #: The routing strategies (``spade_sc._constants.ROUTINGS``).
 ROUTING_MODES = ROUTINGS
@@ -101,14 +101,62 @@ def route(
     return out
 
 
+def align(embeddings: torch.Tensor, rotations: torch.Tensor | None) -> torch.Tensor:
+    """Every expert's embeddings ``(B, K, d)`` in the common space: expert ``k``'s times its ``(d, d)`` rotation.
+
+    ``rotations`` None (a single expert, or a model without alignment): the embeddings as they are.
+    """
+    if rotations is None:
+        return embeddings
+    return torch.einsum("bkd,kde->bke", embeddings, rotations.to(embeddings))
+
+
+def expert_alignment(gene_embeddings: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-10) -> torch.Tensor:
+    """Orthogonal rotations that put the experts' embedding spaces into one (generalised Procrustes).
+
+    The experts share no weights, so each learns its own 256-d coordinate system: the same expression lands on
+    unrelated coordinates in two experts, and a mixture's embedding superimposes unrelated spaces (a linear read-out
+    of it fits one map to all of them). Every expert's gene head embeds the same expression vectors; the rotation
+    ``R_k`` minimising ``sum_k ||G_k R_k - T||^2`` with ``T`` the mean of the rotated ``G_k R_k`` (alternating
+    orthogonal Procrustes steps until ``T`` stops moving) aligns them. Rotations keep every distance and cosine within
+    an expert, so each expert's contrastive geometry is unchanged.
+
+    Parameters
+    ----------
+    gene_embeddings
+        ``(N, K, d)``: every expert's gene embedding of the same ``N`` expression vectors (the training pairs).
+    max_iter, tol
+        Iterations at most, and the relative change of ``T`` that ends them.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, d, d)`` float32 orthogonal matrices (right-multiplied: ``aligned = embedding @ R_k``).
+    """
+    g = gene_embeddings.detach().cpu().double()
+    n_experts, dim = g.shape[1], g.shape[2]
+    rotations = torch.eye(dim, dtype=torch.float64).repeat(n_experts, 1, 1)
+    target = g.mean(dim=1)
+    for _ in range(max_iter):
+        u, _, vh = torch.linalg.svd(torch.einsum("nkd,ne->kde", g, target))
+        rotations = u @ vh
+        new = align(g, rotations).mean(dim=1)
+        change = float((new - target).norm() / target.norm().clamp_min(1e-30))
+        target = new
+        if change < tol:
+            break
+    return rotations.float()
+
+
 def mixture_embed(
     experts: BatchedExperts,
     features: torch.Tensor,
     weights: torch.Tensor,
     *,
+    rotations: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Mixture-of-experts image embedding ``sum_k w_k f_k(x)``.
+    """Mixture-of-experts image embedding ``sum_k w_k f_k(x) R_k``.
 
     Uses :meth:`BatchedExperts.image_embed_all` on chunks of rows. With one-hot (``"hard"``) weights this is exactly the
     chosen expert's embedding; with uniform weights it is the mean over experts. The module's train/eval mode and the
@@ -122,6 +170,8 @@ def mixture_embed(
         Image features ``(N, image_dim)``; each chunk is moved to the experts' device.
     weights
         Routing weights ``(N, K)``, e.g. from :func:`route`.
+    rotations
+        ``(K, d, d)`` rotations into the experts' common space (:func:`expert_alignment`); None: none.
     chunk_size
         Rows processed at once.
 
@@ -145,7 +195,7 @@ def mixture_embed(
         x = features[start : start + chunk_size].to(device=param.device)
         w = weights[start : start + chunk_size].to(device=param.device, dtype=param.dtype)
         # elementwise product + sum (rather than a matmul) keeps one-hot weights exact
-        emb = (w.unsqueeze(-1) * experts.image_embed_all(x)).sum(dim=1)
+        emb = (w.unsqueeze(-1) * align(experts.image_embed_all(x), rotations)).sum(dim=1)
         chunks.append(emb.to(features.device))
     if not chunks:
         return torch.zeros(0, experts.proj_dim, dtype=param.dtype, device=features.device)

@@ -377,6 +377,23 @@ def check_config(
     return dict(config) if not isinstance(config, dict) else config
 
 
+#: Name of the experts' alignment tensor ``(K, d, d)`` in a SPADE weights file (absent: unaligned).
+ALIGNMENT_TENSOR = "alignment.rotations"
+
+
+def check_alignment(value: np.ndarray, n_experts: int, dim: int, path: str | Path) -> np.ndarray:
+    """The experts' rotations of a weights file, checked: shape ``(n_experts, dim, dim)``, finite, orthogonal."""
+    a = np.asarray(value, dtype=np.float32)
+    if a.shape != (n_experts, dim, dim):
+        msg = f"{path}: the tensor {ALIGNMENT_TENSOR!r} has shape {a.shape}, expected {(n_experts, dim, dim)}."
+        raise ValueError(msg)
+    eye = np.eye(dim)
+    if not np.isfinite(a).all() or any(np.abs(r.astype(np.float64) @ r.T - eye).max() > 1e-3 for r in a):
+        msg = f"{path}: the tensor {ALIGNMENT_TENSOR!r} does not hold orthogonal matrices (rotations)."
+        raise ValueError(msg)
+    return a
+
+
 def check_tensors(expected: Mapping[str, Any], tensors: Mapping[str, Any], path: str | Path) -> None:
     """Check that the tensors of a weights file are those of the module built from its config, and are finite.
 

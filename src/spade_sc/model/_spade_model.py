@@ -18,7 +18,7 @@ from .._constants import GENE_INPUTS, LOSSES, ROUTINGS
 from .._validation import check_choice, check_pairs, file_errors
 from ._files import FORMAT_VERSION, read_model_folder, versions, write_model_folder
 from ._kmeans import DataExperts
-from ._schema import check_tensors
+from ._schema import ALIGNMENT_TENSOR, check_alignment, check_tensors
 from ._trainer import default_trainer_kwargs, quiet_lightning, torch_state
 
 
@@ -112,6 +112,8 @@ class SpadeModel:
         self.history_: list[dict[str, Any]] = []
         self.train_params_: dict[str, Any] = {}
         self.is_trained_ = False
+        #: (K, d, d) rotations of the experts' embeddings into one space (:meth:`train`); None: not aligned
+        self.alignment_: np.ndarray | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -148,6 +150,7 @@ class SpadeModel:
         experts_per_step: int | None = None,
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
+        align_experts: bool = True,
     ) -> SpadeModel:
         """Train the experts contrastively (negatives only within each expert); keep the weights of the best epoch.
 
@@ -189,6 +192,12 @@ class SpadeModel:
             another model configuration, other settings or other pairs is refused, naming the difference. A run
             killed and resumed ends with bitwise the same weights as an uninterrupted one (same seed, device and
             torch thread count).
+        align_experts
+            With several experts, rotate each expert's embedding space into one common space once training ends
+            (``alignment_``, :func:`~spade_sc.model.expert_alignment` on every expert's gene embedding of the training
+            pairs): the experts share no weights, so without it their embeddings are unrelated coordinate systems
+            and a linear read-out of the mixture fits one map to all of them (``benchmarks/mixture.py``). Rotations
+            change no distance within an expert, nor hard-routed retrieval. False: the paper's unaligned mixture.
 
         Returns
         -------
@@ -252,6 +261,7 @@ class SpadeModel:
         self.module = lit.experts.cpu().eval()
         self.loss_module = lit.loss_fn.cpu()
         self.history_ = [dict(h) for h in lit.history]
+        self.alignment_ = self._alignment(train_ds.gene_feats) if align_experts and self.n_experts > 1 else None
         self.train_params_ = {
             "max_epochs": int(max_epochs),
             "epochs_run": len(self.history_),
@@ -272,6 +282,7 @@ class SpadeModel:
             if val_ds is None
             else np.bincount(val_ds.expert_idx.numpy(), minlength=self.n_experts).tolist(),
             "torch_threads": int(threads),
+            "align_experts": self.alignment_ is not None,
         }
         self.is_trained_ = True
         return self
@@ -347,26 +358,49 @@ class SpadeModel:
         weights = self.routing_weights(features, routing)
         self.module.eval()
         with torch.no_grad():
-            emb = mixture_embed(self.module, torch.as_tensor(features), torch.as_tensor(weights))
+            emb = mixture_embed(
+                self.module, torch.as_tensor(features), torch.as_tensor(weights), rotations=self.rotations()
+            )
         return emb.numpy().astype(np.float32), weights.astype(np.float32)
 
     def get_gene_embedding(self, gene_input: np.ndarray, routing_weights: np.ndarray) -> np.ndarray:
         """Gene-side embedding, mixed over experts with the given routing weights (N x K)."""
         import torch
 
+        from ._routing import align
+
         self.module.eval()
         y = torch.as_tensor(np.asarray(gene_input, dtype=np.float32))
         w = torch.as_tensor(np.asarray(routing_weights, dtype=np.float32))
         with torch.no_grad():
-            out = (self.module.gene_embed_all(y) * w[:, :, None]).sum(1)
+            out = (align(self.module.gene_embed_all(y), self.rotations()) * w[:, :, None]).sum(1)
         return out.numpy()
+
+    def rotations(self) -> Any:
+        """The experts' rotations into their common space as a float32 tensor ``(K, d, d)``, or None (unaligned)."""
+        import torch
+
+        return None if self.alignment_ is None else torch.as_tensor(self.alignment_)
+
+    def _alignment(self, gene_input: Any) -> np.ndarray:
+        """Rotations aligning the experts' spaces through their gene embeddings of ``gene_input`` (training pairs)."""
+        import torch
+
+        from ._routing import expert_alignment
+
+        self.module.eval()
+        with torch.no_grad():
+            g = torch.cat([self.module.gene_embed_all(y) for y in torch.as_tensor(gene_input).split(4096)])
+        return expert_alignment(g).numpy()
 
     # ------------------------------------------------------------------ files
     def state_tensors(self) -> dict[str, Any]:
-        """Every tensor of the model file: expert weights, loss parameters, centroids and their experts."""
+        """Every tensor of the model file: expert weights, loss parameters, centroids and their experts, alignment."""
         import torch
 
         tensors = {f"experts.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        if self.alignment_ is not None:
+            tensors[ALIGNMENT_TENSOR] = torch.as_tensor(np.ascontiguousarray(self.alignment_))
         tensors.update({f"loss.{k}": v.detach().cpu().contiguous() for k, v in self.loss_module.state_dict().items()})
         for k, v in self.experts.arrays().items():
             tensors[f"data_experts.{k}"] = torch.as_tensor(np.ascontiguousarray(v))
@@ -460,7 +494,10 @@ class SpadeModel:
                 dropout=p["dropout"],
                 seed=p["seed"],
             )
+        alignment = tensors.pop(ALIGNMENT_TENSOR, None)  # absent: unaligned (one expert, or an older folder)
         check_tensors(model.state_tensors(), tensors, path)
+        if alignment is not None:
+            model.alignment_ = check_alignment(alignment.numpy(), model.n_experts, p["proj_dim"], path)
         model.module.load_state_dict(
             {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("experts.")}, strict=True
         )

@@ -495,16 +495,20 @@ def _joint_topk_means(
     """
     import torch
 
+    from ..model._routing import align
+
     weights = {r: model.routing_weights(features, r) for r in routings}
     cosine = model.init_params_["loss"] == "infonce"
     parts: dict[str, list[np.ndarray]] = {r: [] for r in routings}
     model.module.eval()
     with torch.no_grad():
-        g = model.module.gene_embed_all(torch.as_tensor(np.asarray(ref_gene_input, dtype=np.float32)))
+        rotations = model.rotations()
+        g = align(model.module.gene_embed_all(torch.as_tensor(np.asarray(ref_gene_input, dtype=np.float32))), rotations)
         if cosine:
             g = torch.nn.functional.normalize(g, dim=-1)
         for start in range(0, len(features), chunk):
             f = model.module.image_embed_all(torch.as_tensor(np.asarray(features[start : start + chunk], np.float32)))
+            f = align(f, rotations)
             if cosine:
                 f = torch.nn.functional.normalize(f, dim=-1)
             for r in routings:
@@ -1236,9 +1240,10 @@ def _mixture_embeddings(
     """
     import torch
 
-    from ..model._routing import DEFAULT_CHUNK_SIZE
+    from ..model._routing import DEFAULT_CHUNK_SIZE, align
 
     module = model.module.eval()
+    rotations = model.rotations()
     param = next(module.parameters())
     out: dict[str, dict[str, np.ndarray]] = {r: {} for r in routings}
     for sid, x in feats.items():
@@ -1251,7 +1256,9 @@ def _mixture_embeddings(
         chunks: dict[str, list[torch.Tensor]] = {r: [] for r in routings}
         with torch.no_grad():
             for start in range(0, len(x), DEFAULT_CHUNK_SIZE):
-                every = module.image_embed_all(xt[start : start + DEFAULT_CHUNK_SIZE].to(device=param.device))
+                every = align(
+                    module.image_embed_all(xt[start : start + DEFAULT_CHUNK_SIZE].to(device=param.device)), rotations
+                )
                 for r in routings:
                     w = weights[r][start : start + DEFAULT_CHUNK_SIZE].to(device=param.device, dtype=param.dtype)
                     chunks[r].append((w.unsqueeze(-1) * every).sum(dim=1).to(xt.device))

@@ -314,6 +314,7 @@ def fit(
     model_kwargs: Mapping[str, Any] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    align_experts: bool = True,
 ) -> SpadeModel:
     """Fit SPADE on one slide or a cohort: features, gene panel, data experts, contrastive training, embedding.
 
@@ -403,6 +404,10 @@ def fit(
         features, panel and experts are recomputed (deterministic for a seed); a checkpoint of another model
         configuration, other settings or other slides is refused, naming the difference. A killed and resumed fit
         ends with bitwise the same weights as an uninterrupted one (same seed, device and torch thread count).
+    align_experts
+        With several experts, rotate the experts' embedding spaces into one once training ends (see
+        :meth:`~spade_sc.model.SpadeModel.train`), so that a read-out of ``obsm[key_added]`` sees one coordinate
+        system; False: the paper's unaligned mixture. No effect with one expert.
 
     Returns
     -------
@@ -425,6 +430,7 @@ def fit(
     validation_slides = _check_fit_args(
         cohort, validation_slides, validation_fraction, gene_input, loss, routing, key_added, model_kwargs
     )
+    check_choice(align_experts, "align_experts", (True, False))
     # Gene panel first: it validates the counts (shared genes, NaN, negative values) before anything is written.
     genes, _ = panel_of_tables(tables, n_top_genes=check_int(n_top_genes, "n_top_genes"))
     torch.set_num_threads(threads)
@@ -475,6 +481,7 @@ def fit(
         experts_per_step=experts_per_step,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        align_experts=align_experts,
     )
     model.train_params_["n_experts_auto"] = n_experts == "auto"
     model.train_params_["tissue_key"] = tissue_key
