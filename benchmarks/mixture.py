@@ -79,16 +79,18 @@ def cohort_with_features(args: argparse.Namespace) -> dict:
     return cohort
 
 
-def embedding(model, x, routing, rotations=None):
-    import numpy as np
+def embedding(model, x, routing, *, aligned=True):
+    """The model's image embedding under ``routing`` as ``tl.fit`` writes it; ``aligned=False``: without the experts'
+    rotations into their common space (the paper's mixture)."""
     import torch
 
-    w = model.routing_weights(x, routing)
+    from spade_sc.model import mixture_embed
+
+    if aligned:
+        return model.get_image_embedding(x, routing)[0]
+    weights = torch.as_tensor(model.routing_weights(x, routing))
     with torch.no_grad():
-        e = model.module.image_embed_all(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
-    if rotations is not None:
-        e = np.stack([e[:, k] @ rotations[k] for k in range(e.shape[1])], axis=1)
-    return (w[:, :, None] * e).sum(axis=1)
+        return mixture_embed(model.module.eval(), torch.as_tensor(x, dtype=torch.float32), weights).numpy()
 
 
 def ridge_pearson(x_train, y_train, x_test, y_test, x_all) -> float:
@@ -119,21 +121,20 @@ def run_fold(cohort: dict, held: list[str], args: argparse.Namespace) -> dict[st
     mixture = sp.tl.fit({k: copy.copy(v) for k, v in train.items()}, n_experts="auto", tissue_key="organ", **fit)
     x_train = np.concatenate([v.tables["table"].obsm["X_feat"] for v in train.values()])
     x_test = np.concatenate([cohort[h].tables["table"].obsm["X_feat"] for h in held])
-    rot = mixture.alignment_  # tl.fit's default (align_experts=True); the rows "unaligned" leave it out
     reps = {
         "base": (x_train, x_test),
         "K=1": tuple(embedding(single, x, "hard") for x in (x_train, x_test)),
         f"mixture (K={mixture.n_experts}) hard, unaligned": tuple(
-            embedding(mixture, x, "hard") for x in (x_train, x_test)
+            embedding(mixture, x, "hard", aligned=False) for x in (x_train, x_test)
         ),
         f"mixture (K={mixture.n_experts}) soft, unaligned": tuple(
-            embedding(mixture, x, "soft") for x in (x_train, x_test)
+            embedding(mixture, x, "soft", aligned=False) for x in (x_train, x_test)
         ),
         f"mixture (K={mixture.n_experts}) hard, aligned": tuple(
-            embedding(mixture, x, "hard", rot) for x in (x_train, x_test)
+            embedding(mixture, x, "hard") for x in (x_train, x_test)
         ),
         f"mixture (K={mixture.n_experts}) soft, aligned": tuple(
-            embedding(mixture, x, "soft", rot) for x in (x_train, x_test)
+            embedding(mixture, x, "soft") for x in (x_train, x_test)
         ),
     }
     genes = single.genes
