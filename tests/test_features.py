@@ -106,6 +106,31 @@ def test_patches_are_exact_crops(flat):
     assert "X_flat" not in sdata.tables["table"].obsm  # inplace=False writes nothing
 
 
+@pytest.mark.parametrize("views", [2, 4, 8])
+def test_views_average_the_dihedral_orientations(flat, views):
+    """views=V: the mean of the features of the patch in its first V dihedral orientations (exact with pixels)."""
+    img = _image()
+    xy = np.array([[40.0, 30.0], [64.0, 100.0], [100.0, 50.0]])
+    sdata = _make(img, xy)
+    kw = {"encoder": flat, "mpp": 1.0, "patch_size": P, "progress": False}
+    one = _patches(sp.pp.image_features(sdata, inplace=False, **kw)).astype(float) / 255
+    turns = {2: [(0, False), (0, True)], 4: [(k, False) for k in range(4)]}
+    turns[8] = turns[4] + [(k, True) for k in range(4)]
+    expected = np.mean(
+        [
+            np.flip(np.rot90(one, k, axes=(-2, -1)), -1) if m else np.rot90(one, k, axes=(-2, -1))
+            for k, m in turns[views]
+        ],
+        axis=0,
+    )
+    sp.pp.image_features(sdata, views=views, **kw)
+    got = sdata.tables["table"].obsm["X_flat"].reshape(expected.shape)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert sdata.tables["table"].uns["X_flat"]["views"] == views
+    with pytest.raises(ValueError, match="views must be one of"):
+        sp.pp.image_features(sdata, views=3, inplace=False, **kw)
+
+
 def test_border_patches_are_filled_white(flat):
     img = _image()
     sdata = _make(img, np.array([[4.0, 4.0], [126.0, 64.0]]))

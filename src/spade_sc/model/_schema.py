@@ -161,6 +161,7 @@ SPADE_INIT: dict[str, tuple[bool, _Check]] = {
     "proj_dim": (True, _int()),
     "dropout": (True, _number(0, 1, closed_high=True)),
     "seed": (True, _int(0)),
+    "spatial_context": (False, _optional(_number(0, closed_low=False))),
 }
 EXPERTS_FIELDS: dict[str, tuple[bool, _Check]] = {
     "n_experts": (True, _int()),
@@ -279,8 +280,11 @@ def _check_spade(config: Mapping[str, Any], where: str, shapes: Mapping[str, tup
     if encoder is not None:
         _fields(encoder, ENCODER_FIELDS, "encoder", where)
         check_key_name(Keys.features(encoder["name"]), "the features key of encoder['name']", where=where)
-        if "dim" in encoder and encoder["dim"] != p["image_dim"]:
-            msg = f"{where}: encoder['dim'] = {encoder['dim']} differs from init_params['image_dim'] {p['image_dim']}."
+        context = p.get("spatial_context") is not None  # the input is [features, neighbours' mean]
+        if "dim" in encoder and encoder["dim"] * (2 if context else 1) != p["image_dim"]:
+            twice = " (twice the features with spatial_context)" if context else ""
+            msg = f"{where}: encoder['dim'] = {encoder['dim']} differs from init_params['image_dim'] {p['image_dim']}"
+            msg += f"{twice}."
             raise ValueError(msg)
 
 

@@ -36,7 +36,7 @@ class SpadeModel:
     genes
         The gene panel (gene names, in model input order).
     image_dim
-        Dimension of the frozen image features.
+        Dimension of the image input (the frozen features; twice their dimension with ``spatial_context``).
     features_key
         ``obsm`` key of the image features the model was trained on (``"X_<encoder>"``).
     encoder_spec
@@ -55,6 +55,10 @@ class SpadeModel:
         Dropout inside each head.
     seed
         Seed of the weight initialisation.
+    spatial_context
+        None: the image features are the spots' own. A radius (in units of the spot spacing): the image input is
+        ``[features, mean features of the neighbours within that radius]`` (:func:`spade_sc.pp.spatial_context`),
+        so ``image_dim`` is twice the encoder's dimension; :func:`spade_sc.tl.embed` builds that input itself.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class SpadeModel:
         proj_dim: int = 256,
         dropout: float = 0.1,
         seed: int = 0,
+        spatial_context: float | None = None,
     ) -> None:
         from ._experts import BatchedExperts
         from ._losses import make_loss
@@ -83,6 +88,13 @@ class SpadeModel:
         if not (number and 0 < routing_tau < np.inf):
             msg = f"routing_tau must be a positive number, got {routing_tau!r}."
             raise ValueError(msg)
+        if spatial_context is not None:
+            from ..pp._context import check_radius
+
+            spatial_context = check_radius(spatial_context)
+            if image_dim % 2:
+                msg = f"With a spatial context the input is [features, neighbours' mean]: image_dim {image_dim} is odd."
+                raise ValueError(msg)
         if experts.centroids.shape[1] != image_dim:
             msg = f"The experts' centroids have dimension {experts.centroids.shape[1]}, the features {image_dim}."
             raise ValueError(msg)
@@ -104,6 +116,8 @@ class SpadeModel:
             "dropout": float(dropout),
             "seed": int(seed),
         }
+        if spatial_context is not None:  # recorded only when used: models without context keep their config
+            self.init_params_["spatial_context"] = spatial_context
         self.encoder_spec = None if encoder_spec is None else dict(encoder_spec)
         self.module = BatchedExperts(
             experts.n_experts, int(image_dim), len(self.genes), int(proj_dim), float(dropout), seed=int(seed)
@@ -493,6 +507,7 @@ class SpadeModel:
                 proj_dim=p["proj_dim"],
                 dropout=p["dropout"],
                 seed=p["seed"],
+                spatial_context=p.get("spatial_context"),  # absent in older folders: no context
             )
         alignment = tensors.pop(ALIGNMENT_TENSOR, None)  # absent: unaligned (one expert, or an older folder)
         check_tensors(model.state_tensors(), tensors, path)

@@ -47,7 +47,7 @@ from ..pp._genes import (
     _spot_scale,
     _where,
 )
-from ._spade import fit, model_features, model_gene_input
+from ._spade import fit, model_features, model_gene_input, model_input
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -596,7 +596,7 @@ def predict_expression(
     genes = list(model.genes) if genes is None else [str(g) for g in genes]
     spots = resolve_spots(sdata, table_key)
     table = spots.table
-    feats = model_features(model, table, where=f"table {spots.table_key!r}", features_key=features_key)
+    feats = model_features(model, spots, where=f"table {spots.table_key!r}", features_key=features_key)
     ref = as_cohort(reference)
     ref_in, ref_y = [], []
     for name, s in ref.items():
@@ -677,6 +677,19 @@ class _Cohort:
     @cached_property
     def _moments(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         return {}
+
+    @cached_property
+    def _inputs(self) -> dict[float, dict[str, np.ndarray]]:
+        return {}
+
+    def model_inputs(self, model: SpadeModel) -> dict[str, np.ndarray]:
+        """Every slide's features as ``model`` takes them (in their spatial context, if so trained): once per radius."""
+        radius = model.init_params_.get("spatial_context")
+        if radius is None:
+            return self.feats
+        if radius not in self._inputs:
+            self._inputs[radius] = {s: model_input(model, self.spots[s], x) for s, x in self.feats.items()}
+        return self._inputs[radius]
 
     def gene_moments(self, slide: str) -> tuple[np.ndarray, np.ndarray, int]:
         """Per-gene sums of log1p expression of a slide over :attr:`shared_genes`: once per call, for every fold."""
@@ -1274,7 +1287,7 @@ def _fold_representations(
     """Every representation of every spot in this fold: ``{representation: {slide: (n_spots, d)}}``."""
     spade: dict[str, dict[str, np.ndarray]] = {}
     for m, routing_of in _spade_routings(settings.representations, models).values():
-        by_routing = _mixture_embeddings(m, data.feats, list(dict.fromkeys(routing_of.values())))
+        by_routing = _mixture_embeddings(m, data.model_inputs(m), list(dict.fromkeys(routing_of.values())))
         spade.update({rep: by_routing[r] for rep, r in routing_of.items()})
     reps: dict[str, dict[str, np.ndarray]] = {}
     for rep in settings.representations:
@@ -1417,9 +1430,10 @@ def _joint_predictions(fold: _Fold, targets: _Targets) -> dict[str, np.ndarray]:
     Per distinct model of the fold, the reference spots' gene input and embeddings and the held-out spots' expert
     embeddings are computed once for all its routings.
     """
-    query = np.concatenate([fold.cohort.feats[s] for s in fold.test])
     out: dict[str, np.ndarray] = {}
     for m, routing_of in _spade_routings(fold.settings.representations, fold.models).values():
+        inputs = fold.cohort.model_inputs(m)
+        query = np.concatenate([inputs[s] for s in fold.test])
         ref_in = np.concatenate([model_gene_input(m, fold.cohort.tables[s]) for s in fold.train])
         routings = list(dict.fromkeys(routing_of.values()))
         with warnings.catch_warnings():
