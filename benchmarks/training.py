@@ -29,11 +29,21 @@ waiting for each other, which penalises the many small operations of K sequentia
     python benchmarks/training.py --epochs 3 --threads 2 --repeats 3
     python benchmarks/training.py --quick             # K=16 x 512 pairs, batch 128
     python benchmarks/training.py --device cuda       # on a GPU (times are taken after torch.cuda.synchronize)
+    python benchmarks/training.py --malloc 3          # SpadeModel.train with / without the allocator scope
+
+``--malloc R`` measures only ``SpadeModel.train`` (Lightning, all experts per step), with and without
+``spade_sc._malloc.keep_freed_memory`` (glibc's mmap / trim thresholds raised, as ``pp.image_features`` does around
+its encoder loop) around it: each in a fresh process, the two interleaved over R rounds, wall and CPU time (all
+threads) of the call, pairs/s and peak resident memory. The experts' alignment after training
+(``align_experts=False``) is left out: it is not the Lightning loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
 
@@ -53,6 +63,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-lightning", action="store_true", help="skip SpadeModel.train")
     p.add_argument("--quick", action="store_true", help="512 pairs per expert, batch 128")
     p.add_argument("--device", default="cpu", help="torch device of the plain loops (cpu, cuda, cuda:1, ...)")
+    p.add_argument(
+        "--malloc",
+        type=int,
+        default=0,
+        metavar="R",
+        help="only SpadeModel.train with / without the allocator scope, fresh processes, R interleaved rounds",
+    )
+    p.add_argument("--_malloc-child", dest="malloc_child", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -169,8 +187,9 @@ def run_sequential(args, image, gene, expert):
     return sync(args) - t0, seen, last_total / last_rows, n_steps
 
 
-def run_lightning(args, image, gene, expert):
-    """SpadeModel.train (Lightning) with all experts per step."""
+def run_lightning(args, image, gene, expert, tune_malloc: bool | None = False, align: bool = True):
+    """SpadeModel.train (Lightning) with all experts per step (inside the allocator scope with ``tune_malloc``; the
+    experts' alignment after training with ``align``)."""
     import logging
 
     import numpy as np
@@ -194,19 +213,75 @@ def run_lightning(args, image, gene, expert):
         proj_dim=args.proj_dim,
         seed=args.seed,
     )
+    from spade_sc._malloc import keep_freed_memory
+
     pairs = {"all": (image.cpu().numpy(), gene.cpu().numpy(), expert.cpu().numpy())}
     t0 = time.perf_counter()
-    model.train(
-        pairs,
-        max_epochs=args.epochs,
-        batch_size=args.batch_size,
-        progress=False,
-        experts_per_step=None,
-        trainer_kwargs={"accelerator": "gpu" if args.device.startswith("cuda") else "cpu"},
-    )
+    with keep_freed_memory(tune_malloc):
+        model.train(
+            pairs,
+            max_epochs=args.epochs,
+            batch_size=args.batch_size,
+            progress=False,
+            experts_per_step=None,
+            align_experts=align,
+            trainer_kwargs={"accelerator": "gpu" if args.device.startswith("cuda") else "cpu"},
+        )
     seconds = time.perf_counter() - t0
     torch.use_deterministic_algorithms(False)  # SpadeModel.train runs Lightning with deterministic=True (global)
     return seconds, args.epochs * len(expert), model.history_[-1]["train_loss"], None
+
+
+def malloc_child(args: argparse.Namespace) -> dict:
+    """SpadeModel.train in this (fresh) process, with (``on``) or without (``off``) the allocator scope."""
+    import resource
+
+    import torch
+
+    image, gene, expert = make_data(args)
+    c0 = time.process_time()
+    tune = args.malloc_child == "on"
+    seconds, seen, loss, _ = run_lightning(args, image, gene, expert, tune_malloc=tune, align=False)
+    cpu = time.process_time() - c0
+    return {
+        "malloc": args.malloc_child,
+        "seconds": round(seconds, 2),
+        "cpu_s": round(cpu, 2),
+        "pairs_per_s": round(seen / seconds),
+        "last_loss": round(float(loss), 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def malloc_compare(args: argparse.Namespace) -> None:
+    """``--malloc R``: with / without the allocator scope, each in a fresh process, interleaved over R rounds."""
+    import os
+
+    import numpy as np
+
+    keep = ["--experts", args.experts, "--pairs", args.pairs, "--image-dim", args.image_dim, "--gene-dim"]
+    keep += [args.gene_dim, "--proj-dim", args.proj_dim, "--batch-size", args.batch_size, "--epochs", args.epochs]
+    keep += ["--threads", args.threads, "--seed", args.seed, "--device", args.device]
+    print(
+        f"SpadeModel.train with / without the allocator scope: K={args.experts} x {args.pairs} pairs, batch "
+        f"{args.batch_size}, {args.epochs} epoch(s), {args.threads} thread(s), load {os.getloadavg()[0]:.1f}"
+    )
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for r in range(args.malloc):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            cmd = [sys.executable, __file__, "--_malloc-child", mode, *map(str, keep)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            info = json.loads(res.stdout.strip().splitlines()[-1])
+            runs[mode].append(info)
+            print(f"  round {r + 1}: {info}", flush=True)
+    for key in ("cpu_s", "seconds"):
+        ratios = [a[key] / b[key] for a, b in zip(runs["off"], runs["on"], strict=True)]
+        print(f"off / on, {key} per round: {', '.join(f'{x:.2f}' for x in ratios)} (median {np.median(ratios):.2f})")
+    print(
+        f"peak RSS MB: off {max(i['peak_rss_mb'] for i in runs['off'])}, on {max(i['peak_rss_mb'] for i in runs['on'])}"
+    )
+    print(f"load at the end {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:
@@ -219,6 +294,12 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    if args.malloc_child is not None:
+        print(json.dumps(malloc_child(args)))
+        return
+    if args.malloc:
+        malloc_compare(args)
+        return
     image, gene, expert = make_data(args)
     print(
         f"P3 training throughput: K={args.experts} experts x {args.pairs} pairs, {args.image_dim}-d image features, "

@@ -198,6 +198,69 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(cohort, tmp_path, cap
     assert not out.exists()
 
 
+class _Stop(Exception):
+    """Raised by the spies below once they have seen what they were looking for."""
+
+
+def test_no_tune_malloc_reaches_image_features(cohort, tmp_path, monkeypatch):
+    """``--no-tune-malloc``: image_features(tune_malloc=False) in every command that embeds patches; by default the
+    function's own default (None); a speed setting, so not part of the fingerprint (a rerun skips)."""
+    from spade_sc import _commands
+
+    seen = []
+    real = sp.pp.image_features
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("tune_malloc", "absent"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sp.pp, "image_features", spy)
+    manifest = tmp_path / "one.csv"
+    pd.DataFrame({"slide_id": ["slide0"], "path": [str(cohort / "slide0.zarr")]}).to_csv(manifest, index=False)
+    out = tmp_path / "features"
+    weights = ["--encoder", "test_resnet", "--encoder-weights", str(cohort / "encoder.safetensors"), "--quiet"]
+    features = ["features", str(manifest), "--out", str(out), *weights]
+    assert main([*features, "--no-tune-malloc"]) == 0
+    assert seen == [False]
+    assert json.loads((out / "run.json").read_text())["params"]["tune_malloc"] is False
+    assert main(features) == 0 and seen == [False]  # same fingerprint: skipped
+    assert main([*features, "--overwrite"]) == 0 and seen == [False, None]
+
+    # embed and slides hand it to tl.embed / tl.slide_embeddings as a feature keyword
+    calls = []
+    monkeypatch.setattr(_commands, "_model", lambda path: None)
+    monkeypatch.setattr(sp.tl, "embed", lambda *a, feature_kwargs, **k: calls.append(feature_kwargs["tune_malloc"]))
+    monkeypatch.setattr(
+        sp.tl, "slide_embeddings", lambda *a, feature_kwargs, **k: calls.append(feature_kwargs["tune_malloc"])
+    )
+    slide = _commands.Slide("slide0", str(cohort / "slide0.zarr"), "zarr")
+    params = {"tiles": False, "mpp": 0.5, "patch_size": 32, "image_key": None, "batch_size": 8, "device": "cpu"}
+    for step in (_commands.embed_step, _commands.slides_step):
+        for value in (False, None):
+            step(_commands.Task("x", slide, str(tmp_path), {**params, "tune_malloc": value}, "f"), None)
+    assert calls == [False, None, False, None]
+
+    # fit (features computed where missing) and evaluate
+    def fit_spy(*args, feature_kwargs, **kwargs):
+        calls.append(feature_kwargs["tune_malloc"])
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(sp.tl, "fit", fit_spy)
+    fit = ["fit", str(manifest), "--out", str(tmp_path / "model"), *weights, "--no-tune-malloc"]
+    assert main(fit) == 2 and calls[-1] is False
+    monkeypatch.setattr(sp.pp, "image_features", lambda *a, **k: calls.append(k["tune_malloc"]) or _raise(_Stop()))
+    two = tmp_path / "two.csv"
+    rows = {"slide_id": ["slide0", "slide1"], "path": [str(cohort / f"slide{i}.zarr") for i in (0, 1)]}
+    pd.DataFrame(rows).to_csv(two, index=False)
+    with pytest.raises(_Stop):
+        main(["evaluate", str(two), "--out", str(tmp_path / "evaluation"), *weights, "--no-tune-malloc"])
+    assert calls[-1] is False
+
+
+def _raise(err: Exception) -> None:
+    raise err
+
+
 def test_out_below_a_file_exits_2_and_writes_nothing(cohort, tmp_path, capsys):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "file").write_text("x")

@@ -225,6 +225,25 @@ def test_tile_and_embed_straight_from_tiff(tiff, crop, mean_encoder):
         assert feats[i] == pytest.approx(window, abs=0.02)
 
 
+def test_patches_on_the_pixel_grid_are_the_pixels(tiff):
+    """A patch at the level's own pixel size, aligned to its pixel grid, is a copy of the level's pixels (the
+    resampler's copy path), equal to what its arithmetic gives on the same window (a float window takes that path)."""
+    from spade_sc._image import LevelReader, PatchSampler, _separable, _taps
+
+    level = image_levels(sp.io.read_wsi(tiff, name="slide").images["slide_image"])[0]
+    reader = LevelReader(level.data, [0, 1, 2], 1.0)
+    centres = np.array([[300.0, 400.0], [1000.0, 517.0], [5.0, 7.0], [300.5, 400.0]])  # the third: partly outside
+    patches = PatchSampler(reader, 64, 64, 64)(centres)
+    assert np.array_equal(patches[0], np.asarray(level.data[:, 368:432, 268:332]))
+    assert (patches[2][:, :25, :] == 255).all()  # outside the image: white
+    for (cx, cy), patch in zip(centres, patches, strict=True):
+        y0, y1, iy, wy = _taps(cy - 32, 1.0, 64)
+        x0, x1, ix, wx = _taps(cx - 32, 1.0, 64)
+        window = reader.read([(y0, y1, x0, x1)])[0]
+        assert window.dtype == np.float32
+        assert np.array_equal(patch, np.clip(np.rint(_separable(window, iy, wy, ix, wx)), 0, 255))
+
+
 def test_read_wsi_mpp_argument_and_mismatch(tiff, crop):
     _, mpp, _ = crop
     with warnings.catch_warnings():

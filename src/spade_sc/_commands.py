@@ -52,6 +52,8 @@ logger = logging.getLogger("spade_sc")
 
 #: File of ``spade-sc slides``: one row per slide.
 SLIDES_FILE = "slides.h5ad"
+#: Parameters of the per-slide commands that change the speed, not the results: left out of the fingerprints.
+_SPEED_ONLY = ("batch_size", "device", "tune_malloc")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -89,6 +91,7 @@ def features_step(task: Task, sdata: SpatialData) -> None:
         "image_key": p.get("image_key"),
         "overwrite": True,
         "progress": False,
+        "tune_malloc": p.get("tune_malloc"),
     }
     if p["tiles"]:
         kwargs["image_key"], shapes_key, _ = _tiles_of(sdata, p)
@@ -102,7 +105,7 @@ def embed_step(task: Task, sdata: SpatialData) -> None:
     p = task.params
     model = _model(task.model)
     feature_kwargs = {"mpp": p["mpp"], "patch_size": p["patch_size"], "batch_size": p["batch_size"]}
-    feature_kwargs["device"] = p["device"]
+    feature_kwargs.update(device=p["device"], tune_malloc=p.get("tune_malloc"))
     if p["tiles"]:
         image_key, shapes_key, table_key = _tiles_of(sdata, p)
         feature_kwargs["image_key"] = image_key
@@ -123,7 +126,7 @@ def slides_step(task: Task, sdata: SpatialData) -> None:
         _model(task.model),
         image_key=p.get("image_key"),
         tile_kwargs={"mpp": p["mpp"], "tile_size": p["patch_size"]},
-        feature_kwargs={"batch_size": p["batch_size"], "device": p["device"]},
+        feature_kwargs={"batch_size": p["batch_size"], "device": p["device"], "tune_malloc": p.get("tune_malloc")},
         progress=False,
     )
 
@@ -135,11 +138,16 @@ def _geometry(args: Any) -> dict[str, Any]:
     return {"mpp": float(args.mpp), "patch_size": int(args.patch_size), "image_key": args.image_key}
 
 
+def _tune_malloc(args: Any) -> bool | None:
+    """``image_features(tune_malloc=...)``: False with ``--no-tune-malloc``, else None (the function's default)."""
+    return False if getattr(args, "no_tune_malloc", False) else None
+
+
 def features(args: Any) -> int:
     """``spade-sc features``."""
     params = {"encoder": args.encoder, "encoder_weights": _weights(args), "tiles": bool(args.tiles), **_geometry(args)}
-    params.update(batch_size=int(args.batch_size), device=args.device)
-    fingerprinted = {k: v for k, v in params.items() if k not in ("batch_size", "device")}
+    params.update(batch_size=int(args.batch_size), device=args.device, tune_malloc=_tune_malloc(args))
+    fingerprinted = {k: v for k, v in params.items() if k not in _SPEED_ONLY}
     return run_cohort("features", args, features_step, params, fingerprinted=fingerprinted)
 
 
@@ -174,7 +182,8 @@ def embed(args: Any) -> int:
     """``spade-sc embed``."""
     model, fingerprint = check_model(args.model)
     params = {"tiles": bool(args.tiles), **_geometry(args), "batch_size": int(args.batch_size), "device": args.device}
-    fingerprinted = {k: v for k, v in params.items() if k not in ("batch_size", "device")}
+    params["tune_malloc"] = _tune_malloc(args)
+    fingerprinted = {k: v for k, v in params.items() if k not in _SPEED_ONLY}
     return run_cohort(
         "embed", args, embed_step, params, model=model, model_fingerprint=fingerprint, fingerprinted=fingerprinted
     )
@@ -184,7 +193,8 @@ def slides(args: Any) -> int:
     """``spade-sc slides``."""
     model, fingerprint = check_model(args.model)
     params = {**_geometry(args), "batch_size": int(args.batch_size), "device": args.device}
-    fingerprinted = {k: v for k, v in params.items() if k not in ("batch_size", "device")}
+    params["tune_malloc"] = _tune_malloc(args)
+    fingerprinted = {k: v for k, v in params.items() if k not in _SPEED_ONLY}
     return run_cohort(
         "slides",
         args,
@@ -374,7 +384,11 @@ def _train(cohort: Mapping[str, SpatialData], params: Mapping[str, Any], args: A
             lr=params["lr"],
             seed=params["seed"],
             trainer_kwargs=_trainer_kwargs(args),
-            feature_kwargs={"mpp": params["mpp"], "patch_size": params["patch_size"]},
+            feature_kwargs={
+                "mpp": params["mpp"],
+                "patch_size": params["patch_size"],
+                "tune_malloc": _tune_malloc(args),
+            },
             progress=not args.quiet,
             checkpoint_dir=args.checkpoint_dir,
             resume=bool(args.resume),
@@ -470,5 +484,5 @@ def _ensure_features(cohort: Mapping[str, SpatialData], args: Any, params: Mappi
         if key not in table.obsm:
             enc = enc or _encoder(params["encoder"], params["encoder_weights"])
             logger.info("evaluate: computing %s features of slide %s", enc.name, name)
-            pp.image_features(sdata, encoder=enc, key_added=key, progress=False)
+            pp.image_features(sdata, encoder=enc, key_added=key, progress=False, tune_malloc=_tune_malloc(args))
     return key

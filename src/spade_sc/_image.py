@@ -335,6 +335,10 @@ def _taps(start: float, step: float, n_out: int) -> tuple[int, int, np.ndarray, 
     normalised to sum to 1. An open interval of length ``2 r`` holds at most ``ceil(2 r)`` pixel centres, so each
     output pixel has that many taps.
 
+    Taps whose weight is 0 for every output pixel are dropped (adding ``0 * x`` changes no sum): a patch aligned
+    to the pixel grid at the level's own pixel size keeps one tap of weight 1, which :func:`_separable` reads as a
+    plain copy.
+
     Returns the first input index of the window, one past its last, the (n_out, taps) indices relative to the
     window start and the (n_out, taps) weights.
     """
@@ -344,6 +348,9 @@ def _taps(start: float, step: float, n_out: int) -> tuple[int, int, np.ndarray, 
     taps = max(1, math.ceil(2 * r - 1e-9))
     idx = first[:, None] + np.arange(taps)
     w = np.maximum(0.0, 1.0 - np.abs(u[:, None] - (idx + 0.5)) / r)
+    used = (w > 0).any(axis=0)
+    if not used.all():
+        idx, w = idx[:, used], w[:, used]
     w /= w.sum(axis=1, keepdims=True)
     lo = int(idx[0, 0])
     return lo, int(idx[-1, -1]) + 1, idx - lo, w.astype(np.float32)
@@ -370,7 +377,8 @@ class PatchSampler:
         out = np.empty((len(centres), 3, self.size, self.size), dtype=np.uint8)
         for i, (win, plan) in enumerate(zip(windows, plans, strict=True)):
             patch = _separable(win, *plan)
-            np.clip(np.rint(patch, out=patch), 0, 255, out=patch)
+            if patch.dtype != np.uint8:
+                np.clip(np.rint(patch, out=patch), 0, 255, out=patch)
             out[i] = patch
         return out
 
@@ -391,8 +399,12 @@ def _take(idx: np.ndarray) -> np.ndarray | slice:
 def _separable(win: np.ndarray, iy: np.ndarray, wy: np.ndarray, ix: np.ndarray, wx: np.ndarray) -> np.ndarray:
     """Apply the taps of :func:`_taps` along y then x to a (3, h, w) window: (3, n_out_y, n_out_x) float32.
 
-    ``win`` may be float32 or uint8 (promoted exactly); taps that are slices are read as views.
+    ``win`` may be float32 or uint8 (promoted exactly); taps that are slices are read as views. A uint8 window
+    whose taps are single weights of 1 (the patch aligned to the pixel grid, at the level's pixel size) gives its
+    picked pixels as uint8: the values the arithmetic would give, without it.
     """
+    if win.dtype == np.uint8 and iy.shape[1] == ix.shape[1] == 1 and (wy == 1).all() and (wx == 1).all():
+        return win[:, _take(iy[:, 0]), :][:, :, _take(ix[:, 0])]
     acc = wy[None, :, 0, None] * win[:, _take(iy[:, 0]), :]
     for t in range(1, iy.shape[1]):
         acc += wy[None, :, t, None] * win[:, _take(iy[:, t]), :]

@@ -75,12 +75,22 @@ def _distributed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per slide task")
 
 
+def _tune_malloc(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="leave glibc's allocator alone while embedding patches (image_features(tune_malloc=False); default: "
+        "freed memory is kept for reuse within the encoder loop, unless SPADE_SC_TUNE_MALLOC=0)",
+    )
+
+
 def _geometry(p: argparse.ArgumentParser, *, tile_help: str = "patch side in pixels") -> None:
     p.add_argument("--mpp", type=_positive_float, default=0.5, help="micrometres per pixel of the patches")
     p.add_argument("--patch-size", type=_positive_int, default=224, help=tile_help)
     p.add_argument("--image-key", default=None, help="the H&E image of .zarr slides that hold several")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per encoder call")
     p.add_argument("--device", default="auto", help="torch device of the encoder (auto: CUDA when there is one)")
+    _tune_malloc(p)
 
 
 def _features_parser(sub: argparse._SubParsersAction) -> None:
@@ -105,6 +115,7 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder-weights", default=None, help="local weights file of a timm --encoder")
     p.add_argument("--mpp", type=_positive_float, default=0.5, help="micrometres per pixel of missing features")
     p.add_argument("--patch-size", type=_positive_int, default=224, help="patch side of missing features")
+    _tune_malloc(p)
     p.add_argument("--epochs", type=_positive_int, default=100)
     p.add_argument("--batch-size", type=_positive_int, default=512, help="pairs per expert batch")
     p.add_argument("--lr", type=_positive_float, default=1e-3)
@@ -179,6 +190,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features-key", default=None, help="obsm key of the base features (default X_<encoder>)")
     p.add_argument("--encoder", default="efficientnet_lite0", help="encoder for missing features")
     p.add_argument("--encoder-weights", default=None, help="local weights file of a timm --encoder")
+    _tune_malloc(p)
     p.add_argument("--label-key", default=None, help="obs column of spot labels for the label probe")
     p.add_argument("--epochs", type=_positive_int, default=100, help="SPADE epochs in every fold")
     p.add_argument("--n-experts", type=_experts, default="auto")

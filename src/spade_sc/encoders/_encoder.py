@@ -699,8 +699,13 @@ class Encoder:
         """
         if self.jit and self._traced is None:
             white = torch.full((2, 3, self.input_size, self.input_size), 255, dtype=torch.uint8)
-            for _ in range(2):  # the trace, then the first run of the frozen graph
-                self._encode(white)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # 2 patches: threads would mostly wait for each other (5x the CPU time, loaded)
+            try:
+                for _ in range(2):  # the trace, then the first run of the frozen graph
+                    self._encode(white)
+            finally:
+                torch.set_num_threads(threads)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
