@@ -7,7 +7,9 @@ SPADE is trained inside each fold on the training sections only. Features: Effic
 default encoder), 224 px patches at ``--mpp`` um/px, computed here (about 1-2 min on 2 CPU cores) unless
 ``--features`` names a cache written by ``--save-features``. SPADE settings (passed explicitly, so the table does not
 move with tl.fit's defaults): one expert, soft-CLIP, log1p gene input, AdamW lr 1e-3, batch 128, up to 100 epochs,
-best epoch by the loss on one held-out training section. Every number printed is measured in this run.
+best epoch by the loss on one held-out training section, each spot alone (``spatial_context=None``, one view: the
+settings before ``benchmarks/fewshot.py`` measured what ``tl.fit`` now defaults to). Every number printed is
+measured in this run.
 
     python benchmarks/her2st.py                                   # the settings of benchmarks/README.md
     python benchmarks/her2st.py --save-features /tmp/her2st_feats.npz
@@ -53,6 +55,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--routing-tau", type=float, default=0.1)
+    g.add_argument(
+        "--spatial-context", type=float, default=0.0, help="tl.fit(spatial_context=...) radius; 0: each spot alone"
+    )
     g.add_argument("--validation-fraction", type=float, default=0.2, help="0: no validation, keep the last epoch")
     g.add_argument("--defaults", action="store_true", help="pass nothing to tl.fit: measure its current defaults")
     e = p.add_argument_group("evaluation")
@@ -108,6 +113,7 @@ def fit_kwargs(args: argparse.Namespace) -> dict:
         "weight_decay": args.weight_decay,
         "routing_tau": args.routing_tau,
         "validation_fraction": args.validation_fraction,
+        "spatial_context": args.spatial_context or None,
     }
 
 

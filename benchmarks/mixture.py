@@ -48,6 +48,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draws", type=int, default=20, help="draws of the few-shot read-outs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alike", action="store_true", help="organs with the same stain (organ_tints=False)")
     p.add_argument(
         "--evaluate", action="store_true", help="also run tl.evaluate (expression and retrieval) on the same folds"
     )
@@ -59,7 +60,9 @@ def cohort_with_features(args: argparse.Namespace) -> dict:
 
     import spade_sc as sp
 
-    cohort = sp.datasets.synthetic(n_slides=8, n_spots=300, image_size=2048, organ_programs=True, seed=0)
+    cohort = sp.datasets.synthetic(
+        n_slides=8, n_spots=300, image_size=2048, organ_programs=True, organ_tints=not args.alike, seed=0
+    )
     if args.features:
         cached = np.load(args.features)
         feats = {name: cached[name] for name in cohort}
@@ -79,7 +82,7 @@ def cohort_with_features(args: argparse.Namespace) -> dict:
     return cohort
 
 
-def embedding(model, x, routing, *, aligned=True):
+def embedding(model, x, routing, *, aligned=True, tissues=None):
     """The model's image embedding under ``routing`` as ``tl.fit`` writes it; ``aligned=False``: without the experts'
     rotations into their common space (the paper's mixture)."""
     import torch
@@ -87,8 +90,8 @@ def embedding(model, x, routing, *, aligned=True):
     from spade_sc.model import mixture_embed
 
     if aligned:
-        return model.get_image_embedding(x, routing)[0]
-    weights = torch.as_tensor(model.routing_weights(x, routing))
+        return model.get_image_embedding(x, routing, tissues=tissues)[0]
+    weights = torch.as_tensor(model.routing_weights(x, routing, tissues=tissues))
     with torch.no_grad():
         return mixture_embed(model.module.eval(), torch.as_tensor(x, dtype=torch.float32), weights).numpy()
 
@@ -116,25 +119,32 @@ def run_fold(cohort: dict, held: list[str], args: argparse.Namespace) -> dict[st
     from spade_sc.pp import gene_matrix
 
     train = {k: v for k, v in cohort.items() if k not in held}
-    fit = dict(features_key="X_feat", max_epochs=args.epochs, progress=False, seed=args.seed)
+    # each spot alone (spatial_context=None): the synthetic spots' neighbours are not what is compared here
+    fit = dict(features_key="X_feat", max_epochs=args.epochs, progress=False, seed=args.seed, spatial_context=None)
     single = sp.tl.fit({k: copy.copy(v) for k, v in train.items()}, n_experts=1, **fit)
-    mixture = sp.tl.fit({k: copy.copy(v) for k, v in train.items()}, n_experts="auto", tissue_key="organ", **fit)
+    mix = dict(n_experts="auto", tissue_key="organ", **fit)
+    pooled = sp.tl.fit({k: copy.copy(v) for k, v in train.items()}, tissue_experts=False, **mix)
+    per_tissue = sp.tl.fit({k: copy.copy(v) for k, v in train.items()}, **mix)  # tissue_experts: the default
     x_train = np.concatenate([v.tables["table"].obsm["X_feat"] for v in train.values()])
     x_test = np.concatenate([cohort[h].tables["table"].obsm["X_feat"] for h in held])
+    organ = lambda names: np.concatenate([cohort[h].tables["table"].obs["organ"].astype(str) for h in names])
+    t_train, t_test = organ(list(train)), organ(held)
+    k = pooled.n_experts
     reps = {
         "base": (x_train, x_test),
         "K=1": tuple(embedding(single, x, "hard") for x in (x_train, x_test)),
-        f"mixture (K={mixture.n_experts}) hard, unaligned": tuple(
-            embedding(mixture, x, "hard", aligned=False) for x in (x_train, x_test)
+        f"pooled mixture (K={k}) hard, unaligned (the paper's)": tuple(
+            embedding(pooled, x, "hard", aligned=False) for x in (x_train, x_test)
         ),
-        f"mixture (K={mixture.n_experts}) soft, unaligned": tuple(
-            embedding(mixture, x, "soft", aligned=False) for x in (x_train, x_test)
+        f"pooled mixture (K={k}) soft, aligned": tuple(embedding(pooled, x, "soft") for x in (x_train, x_test)),
+        f"per-tissue experts (K={per_tissue.n_experts}) hard, routed by organ": tuple(
+            embedding(per_tissue, x, "hard", tissues=t) for x, t in ((x_train, t_train), (x_test, t_test))
         ),
-        f"mixture (K={mixture.n_experts}) hard, aligned": tuple(
-            embedding(mixture, x, "hard") for x in (x_train, x_test)
+        f"per-tissue experts (K={per_tissue.n_experts}) soft, routed by organ": tuple(
+            embedding(per_tissue, x, "soft", tissues=t) for x, t in ((x_train, t_train), (x_test, t_test))
         ),
-        f"mixture (K={mixture.n_experts}) soft, aligned": tuple(
-            embedding(mixture, x, "soft") for x in (x_train, x_test)
+        f"per-tissue experts (K={per_tissue.n_experts}) hard, organ unknown (nearest centroid)": tuple(
+            embedding(per_tissue, x, "hard") for x in (x_train, x_test)
         ),
     }
     genes = single.genes
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             representations=["base", "spade_soft", "spade_hard", "spade_uniform", "single_expert"],
             tasks=("expression", "retrieval"),
             folds=[[f"slide{i}"] for i in range(4)],  # leave one slide out, over slide0-slide3
-            fit_kwargs={"max_epochs": args.epochs, "n_experts": "auto", "tissue_key": "organ"},
+            fit_kwargs={"max_epochs": args.epochs, "n_experts": "auto", "tissue_key": "organ", "spatial_context": None},
             pca=(False,),
             n_draws=args.draws,
             seed=args.seed,

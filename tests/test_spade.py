@@ -10,7 +10,17 @@ import spade_sc as sp
 from spade_sc.tl import SpadeModel
 
 FEAT = "X_efficientnet_lite0"
-SMALL = {"n_experts": 4, "n_clusters_per_tissue": 8, "max_epochs": 4, "batch_size": 64, "lr": 1e-3, "progress": False}
+# spatial_context=None: these tests compare the model's embedding of raw features with what fit / embed wrote
+# (the model in context has its own tests in test_context.py)
+SMALL = {
+    "n_experts": 4,
+    "n_clusters_per_tissue": 8,
+    "max_epochs": 4,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "progress": False,
+    "spatial_context": None,
+}
 
 
 @pytest.fixture

@@ -92,6 +92,7 @@ def features_step(task: Task, sdata: SpatialData) -> None:
         "overwrite": True,
         "progress": False,
         "tune_malloc": p.get("tune_malloc"),
+        "views": p.get("views", 1),
     }
     if p["tiles"]:
         kwargs["image_key"], shapes_key, _ = _tiles_of(sdata, p)
@@ -105,7 +106,7 @@ def embed_step(task: Task, sdata: SpatialData) -> None:
     p = task.params
     model = _model(task.model)
     feature_kwargs = {"mpp": p["mpp"], "patch_size": p["patch_size"], "batch_size": p["batch_size"]}
-    feature_kwargs.update(device=p["device"], tune_malloc=p.get("tune_malloc"))
+    feature_kwargs.update(device=p["device"], tune_malloc=p.get("tune_malloc"), views=p.get("views", 1))
     if p["tiles"]:
         image_key, shapes_key, table_key = _tiles_of(sdata, p)
         feature_kwargs["image_key"] = image_key
@@ -126,7 +127,12 @@ def slides_step(task: Task, sdata: SpatialData) -> None:
         _model(task.model),
         image_key=p.get("image_key"),
         tile_kwargs={"mpp": p["mpp"], "tile_size": p["patch_size"]},
-        feature_kwargs={"batch_size": p["batch_size"], "device": p["device"], "tune_malloc": p.get("tune_malloc")},
+        feature_kwargs={
+            "batch_size": p["batch_size"],
+            "device": p["device"],
+            "tune_malloc": p.get("tune_malloc"),
+            "views": p.get("views", 1),
+        },
         progress=False,
     )
 
@@ -134,6 +140,11 @@ def slides_step(task: Task, sdata: SpatialData) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # per-slide commands
 # --------------------------------------------------------------------------------------------------------------------
+def _views(args: Any, tiles: bool) -> int:
+    """``image_features(views=...)``: ``--views``, else 8 for spots (as ``tl.fit``) and 1 for tiles (whole slides)."""
+    return int(args.views) if getattr(args, "views", None) is not None else (1 if tiles else 8)
+
+
 def _geometry(args: Any) -> dict[str, Any]:
     return {"mpp": float(args.mpp), "patch_size": int(args.patch_size), "image_key": args.image_key}
 
@@ -146,6 +157,7 @@ def _tune_malloc(args: Any) -> bool | None:
 def features(args: Any) -> int:
     """``spade-sc features``."""
     params = {"encoder": args.encoder, "encoder_weights": _weights(args), "tiles": bool(args.tiles), **_geometry(args)}
+    params["views"] = _views(args, bool(args.tiles))
     params.update(batch_size=int(args.batch_size), device=args.device, tune_malloc=_tune_malloc(args))
     fingerprinted = {k: v for k, v in params.items() if k not in _SPEED_ONLY}
     return run_cohort("features", args, features_step, params, fingerprinted=fingerprinted)
@@ -182,6 +194,7 @@ def embed(args: Any) -> int:
     """``spade-sc embed``."""
     model, fingerprint = check_model(args.model)
     params = {"tiles": bool(args.tiles), **_geometry(args), "batch_size": int(args.batch_size), "device": args.device}
+    params["views"] = _views(args, bool(args.tiles))
     params["tune_malloc"] = _tune_malloc(args)
     fingerprinted = {k: v for k, v in params.items() if k not in _SPEED_ONLY}
     return run_cohort(
@@ -193,6 +206,7 @@ def slides(args: Any) -> int:
     """``spade-sc slides``."""
     model, fingerprint = check_model(args.model)
     params = {**_geometry(args), "batch_size": int(args.batch_size), "device": args.device}
+    params["views"] = _views(args, True)
     params["tune_malloc"] = _tune_malloc(args)
     fingerprinted = {k: v for k, v in params.items() if k not in _SPEED_ONLY}
     return run_cohort(

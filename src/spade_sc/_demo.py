@@ -122,13 +122,21 @@ def _comparison_lines(res: Any, rows: list[tuple[str, str, str, str]]) -> tuple[
 
 
 def _figures(
-    out: Path, sdata: Any, held_out: str, model: Any, bars: list[tuple], marker: str, r: float, spot_scale: float
+    out: Path,
+    cohort: dict,
+    held_out: str,
+    model: Any,
+    bars: list[tuple],
+    marker: str,
+    r: float,
+    spot_scale: float,
 ) -> list[str]:
-    """Expression map, comparison bars, loss curves and (with several experts) the expert map; returns file names."""
+    """Expression map, comparison bars, loss curves and (with several experts) the expert map and diagnostics."""
     import matplotlib.pyplot as plt
 
     from .pl._spatial import spatial_column
 
+    sdata = cohort[held_out]
     names = []
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for ax, col, title in zip(
@@ -174,6 +182,8 @@ def _figures(
         names.append(f"experts_{held_out}.png")
         title = f"{held_out}: data expert of every spot"
         pl.experts(sdata, spot_scale=spot_scale, title=title, show=False, save=out / names[-1])
+        names.append("experts.png")
+        pl.expert_diagnostics(model, cohort, show=False, save=out / names[-1])
     plt.close("all")
     return names
 
@@ -236,8 +246,13 @@ def demo(args: argparse.Namespace) -> int:
     if data == "her2st":
         cohort = datasets.her2st(root)
     else:
+        # two organs that map the same morphology to other programs: one data expert per organ pays there
         cohort = datasets.synthetic(
-            n_slides=args.n_slides, n_spots=args.n_spots, image_size=args.image_size, seed=args.seed
+            n_slides=args.n_slides,
+            n_spots=args.n_spots,
+            image_size=args.image_size,
+            seed=args.seed,
+            organ_programs=True,
         )
     names = sorted(cohort)
     held_out = names[-1]
@@ -252,6 +267,7 @@ def demo(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             seed=args.seed,
+            tissue_key=None if data == "her2st" else "organ",  # synthetic: experts per organ, routed by organ
             progress=not args.quiet,
         )
     tp = model.train_params_
@@ -274,12 +290,16 @@ def demo(args: argparse.Namespace) -> int:
 
     # her2st's spots (100 um on a 200 um grid) leave the tissue visible at their size; the synthetic grid is denser
     spot_scale = 1.0 if data == "her2st" else 0.6
-    figures = _figures(out, cohort[held_out], held_out, model, bars, marker, r, spot_scale)
+    figures = _figures(out, cohort, held_out, model, bars, marker, r, spot_scale)
     res.table.to_csv(out / "comparison.csv", index=False)
     model_dir = _write(out, cohort[held_out], held_out, model)
     say(f"wrote {out}/: {model_dir.name}/, {held_out}.zarr, comparison.csv, {', '.join(figures)}")
     if model.n_experts == 1:
         print("  (one data expert: n_experts='auto' keeps about 1000 training pairs per expert; no expert map)")
+        print("  (spade-sc demo --data synthetic: two organs, one data expert each, their map and routing)")
+    else:
+        tissues = model.experts.tissue_key or "image features"
+        print(f"  ({model.n_experts} data experts, spots routed by {tissues}: experts_{held_out}.png, experts.png)")
     print(f"next: the notebooks in the repository's tutorials/ folder: {TUTORIALS}")
     print(f"done in {time.time() - t0:.0f}s")
     return 0

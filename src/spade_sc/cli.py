@@ -90,6 +90,13 @@ def _geometry(p: argparse.ArgumentParser, *, tile_help: str = "patch side in pix
     p.add_argument("--image-key", default=None, help="the H&E image of .zarr slides that hold several")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per encoder call")
     p.add_argument("--device", default="auto", help="torch device of the encoder (auto: CUDA when there is one)")
+    p.add_argument(
+        "--views",
+        type=int,
+        choices=(1, 2, 4, 8),
+        default=None,
+        help="dihedral views of each patch whose features are averaged (default: 8 for spots, as tl.fit; 1 for tiles)",
+    )
     _tune_malloc(p)
 
 

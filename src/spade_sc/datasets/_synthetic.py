@@ -218,6 +218,7 @@ def synthetic(
     chunk_size: int = 1024,
     seed: int = 0,
     organ_programs: bool = False,
+    organ_tints: bool = True,
 ) -> dict[str, SpatialData]:
     """A deterministic synthetic cohort of H&E-like slides with spot expression.
 
@@ -255,6 +256,10 @@ def synthetic(
         first does), and each organ has its own stain hue, so the organ is visible in the image. No single linear
         map from image to expression holds for every organ; one data expert per organ can learn each map. False
         (default): every organ shares the programs, shifted a little.
+    organ_tints
+        With ``organ_programs``: give each organ its own stain hue (default). False: the organs look alike, so the
+        image alone cannot tell which map holds; only the organ, known from elsewhere, can (``tl.fit(tissue_key=
+        "organ", tissue_experts=True)``).
 
     Returns
     -------
@@ -285,7 +290,7 @@ def synthetic(
         _make_slide(seed, i, size_um, types, float(np.random.default_rng([seed, i, 3]).uniform(0.0, 3.0)))
         for i in range(n_slides)
     ]
-    if organ_programs:
+    if organ_programs and organ_tints:
         for i, layout in enumerate(layouts):
             layout.tint = _ORGAN_TINTS[(i % len(organs)) % len(_ORGAN_TINTS)]
     fractions = [_tumour_fraction(layout) for layout in layouts]

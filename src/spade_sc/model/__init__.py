@@ -40,6 +40,7 @@ _EXPORTS = {
     "mixture_embed": "_routing",
     "expert_alignment": "_routing",
     "route": "_routing",
+    "scale_aware_tau": "_routing",
     "ExpertBatchSampler": "_sampler",
 }
 

@@ -138,6 +138,7 @@ class DataExperts:
         n_experts: int = 16,
         seed: int = 0,
         minibatch_threshold: int = 200_000,
+        per_tissue: bool = False,
     ) -> DataExperts:
         """Two-step k-means on a feature matrix (no AnnData): what :func:`spade_sc.tl.build_experts` runs.
 
@@ -147,7 +148,7 @@ class DataExperts:
             ``(N, D)`` image features (float32 avoids a copy).
         tissues
             ``(N,)`` tissue of each row; None: one group ``"all"``.
-        n_clusters_per_tissue, n_experts, seed, minibatch_threshold
+        n_clusters_per_tissue, n_experts, seed, minibatch_threshold, per_tissue
             As in :func:`spade_sc.tl.build_experts`.
 
         Returns
@@ -162,17 +163,50 @@ class DataExperts:
             seed=seed,
             minibatch_threshold=minibatch_threshold,
             assign=False,
+            per_tissue=per_tissue,
         )
         return experts
 
-    def nearest_centroid(self, features: np.ndarray, *, chunk_size: int = ASSIGN_CHUNK) -> np.ndarray:
-        """Index of the nearest step-1 centroid of each row of ``features`` ``(N, D)`` (int64, ``(N,)``)."""
-        features = self._check_features(features)
-        return _nearest(features, self.centroids, chunk_size=chunk_size)
+    @property
+    def per_tissue(self) -> bool:
+        """Whether step 2 ran within each tissue (every expert serves one tissue; ``two_step_kmeans(per_tissue=)``)."""
+        return bool(self.params.get("per_tissue", False))
 
-    def assign(self, features: np.ndarray, *, chunk_size: int = ASSIGN_CHUNK) -> np.ndarray:
-        """Expert of each row of ``features`` ``(N, D)``, that of its nearest step-1 centroid (int64, ``(N,)``)."""
-        return self.centroid_expert[self.nearest_centroid(features, chunk_size=chunk_size)]
+    def tissue_groups(self, tissues: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(group of each row, group of each centroid): the index of the tissue in :attr:`tissues`.
+
+        Rows of a tissue the experts do not know get -1 (routed among all centroids).
+        """
+        known = {t: i for i, t in enumerate(self.tissues)}
+        rows = np.array([known.get(str(t), -1) for t in np.asarray(tissues).tolist()], dtype=np.int64)
+        return rows, np.array([known[t] for t in self.centroid_tissue.tolist()], dtype=np.int64)
+
+    def nearest_centroid(
+        self, features: np.ndarray, *, tissues: np.ndarray | None = None, chunk_size: int = ASSIGN_CHUNK
+    ) -> np.ndarray:
+        """Index of the nearest step-1 centroid of each row of ``features`` ``(N, D)`` (int64, ``(N,)``).
+
+        With ``tissues`` (one per row): among the centroids of the row's tissue, where the experts know it.
+        """
+        features = self._check_features(features)
+        if tissues is None:
+            return _nearest(features, self.centroids, chunk_size=chunk_size)
+        rows, cents = self.tissue_groups(tissues)
+        out = np.empty(len(features), dtype=np.int64)
+        for g in np.unique(rows):
+            mine = rows == g
+            allowed = np.arange(self.n_centroids) if g < 0 else np.flatnonzero(cents == g)
+            out[mine] = allowed[_nearest(features[mine], self.centroids[allowed], chunk_size=chunk_size)]
+        return out
+
+    def assign(
+        self, features: np.ndarray, *, tissues: np.ndarray | None = None, chunk_size: int = ASSIGN_CHUNK
+    ) -> np.ndarray:
+        """Expert of each row of ``features`` ``(N, D)``, that of its nearest step-1 centroid (int64, ``(N,)``).
+
+        With ``tissues``: the nearest centroid of the row's tissue (:meth:`nearest_centroid`).
+        """
+        return self.centroid_expert[self.nearest_centroid(features, tissues=tissues, chunk_size=chunk_size)]
 
     def _check_features(self, features: np.ndarray) -> np.ndarray:
         features = np.asarray(features)
@@ -339,6 +373,7 @@ def two_step_kmeans(
     seed: int = 0,
     minibatch_threshold: int = 200_000,
     assign: bool = True,
+    per_tissue: bool = False,
 ) -> tuple[DataExperts, np.ndarray | None]:
     """The two-step clustering on a numpy array.
 
@@ -353,6 +388,9 @@ def two_step_kmeans(
         See :func:`spade_sc.tl.build_experts`.
     assign
         Whether to compute the expert of each row.
+    per_tissue
+        Step 2 within each tissue: the experts are shared out among the tissues in proportion to their rows (at
+        least one each), and no expert mixes tissues; rows are assigned within their own tissue.
 
     Returns
     -------
@@ -377,9 +415,12 @@ def two_step_kmeans(
     centroids, centroid_tissue, record = _step1(
         features, groups, n_clusters=n_clusters_per_tissue, seed=seed, minibatch_threshold=minibatch_threshold
     )
-    model = _step2(centroids, n_experts, seed)
-    centroid_expert = model.labels_.astype(np.int64)
-    logger.info("experts step 2: %d centroids -> %d experts, WCSS %.4g", len(centroids), n_experts, model.inertia_)
+    if per_tissue:
+        centroid_expert, inertia = _step2_per_tissue(centroids, centroid_tissue, groups, ks, n_experts, seed)
+    else:
+        model = _step2(centroids, n_experts, seed)
+        centroid_expert, inertia = model.labels_.astype(np.int64), float(model.inertia_)
+    logger.info("experts step 2: %d centroids -> %d experts, WCSS %.4g", len(centroids), n_experts, inertia)
     params = {
         "seed": int(seed),
         "n_clusters_per_tissue": int(n_clusters_per_tissue),
@@ -388,10 +429,57 @@ def two_step_kmeans(
         "algorithm_per_tissue": {t: r["algorithm"] for t, r in record.items()},
         "wcss_tissue": {t: r["wcss"] for t, r in record.items()},
         "wcss_step1": float(sum(r["wcss"] for r in record.values())),
-        "wcss_step2": float(model.inertia_),
+        "wcss_step2": inertia,
         "minibatch_threshold": int(minibatch_threshold),
         "n_features": int(features.shape[1]),
     }
+    if per_tissue:
+        params["per_tissue"] = True
     experts = DataExperts(centroids, centroid_tissue, centroid_expert, n_experts, params=params)
-    labels = experts.centroid_expert[_nearest(features, experts.centroids)] if assign else None
+    labels = experts.assign(features, tissues=tissues if per_tissue else None) if assign else None
     return experts, labels
+
+
+def _share(sizes: dict[str, int], caps: dict[str, int], total: int) -> dict[str, int]:
+    """``total`` experts shared out among tissues in proportion to ``sizes``.
+
+    At least 1 and at most ``caps`` (the tissue's centroids) each; each next expert goes where rows per expert are most.
+    """
+    out = {t: 1 for t in sizes}
+    while sum(out.values()) < total:
+        room = [t for t in sizes if out[t] < caps[t]]
+        if not room:
+            break
+        t = max(room, key=lambda t: (sizes[t] / out[t], t))
+        out[t] += 1
+    return out
+
+
+def _step2_per_tissue(
+    centroids: np.ndarray,
+    centroid_tissue: np.ndarray,
+    groups: dict[str, Any],
+    ks: dict[str, int],
+    n_experts: int,
+    seed: int,
+) -> tuple[np.ndarray, float]:
+    """Step 2 within each tissue: (expert of each centroid, numbered tissue by tissue; summed WCSS)."""
+    if n_experts < len(groups):
+        msg = (
+            f"n_experts={n_experts} is fewer than the {len(groups)} tissues {sorted(groups)}; per-tissue experts need "
+            "at least one expert per tissue."
+        )
+        raise ValueError(msg)
+    share = _share({t: _n_rows(r) for t, r in groups.items()}, ks, n_experts)
+    expert = np.empty(len(centroids), dtype=np.int64)
+    first, inertia = 0, 0.0
+    for t in groups:
+        mine = np.flatnonzero(centroid_tissue == t)
+        model = _step2(centroids[mine], share[t], seed)
+        expert[mine] = first + model.labels_
+        first += share[t]
+        inertia += float(model.inertia_)
+    if first != n_experts:
+        msg = f"The tissues' {sum(ks.values())} step-1 centroids cannot make {n_experts} per-tissue experts."
+        raise ValueError(msg)
+    return expert, inertia

@@ -329,13 +329,24 @@ class SpadeModel:
         return EpochCheckpoint(str(checkpoint_dir), signature, state)
 
     # ------------------------------------------------------------------ inference
-    def routing_weights(self, features: np.ndarray, routing: str | None = None) -> np.ndarray:
-        """Routing weights (N x K, rows sum to 1) of image features over the experts."""
+    def routing_weights(
+        self, features: np.ndarray, routing: str | None = None, *, tissues: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Routing weights (N x K, rows sum to 1) of image features over the experts.
+
+        With per-tissue experts (``tl.fit(tissue_experts=True)``) and ``tissues`` (the tissue of each row), a row
+        is routed among its own tissue's experts (among all where the experts do not know its tissue); otherwise
+        ``tissues`` is ignored.
+        """
         import torch
 
         from ._routing import route
 
         routing = check_choice(routing or self.init_params_["routing"], "routing", ROUTINGS)
+        groups = {}
+        if tissues is not None and self.experts.per_tissue:
+            rows, cents = self.experts.tissue_groups(tissues)
+            groups = {"row_group": torch.as_tensor(rows), "centroid_group": torch.as_tensor(cents)}
         with torch.no_grad():
             w = route(
                 torch.as_tensor(np.asarray(features, dtype=np.float32)),
@@ -344,10 +355,13 @@ class SpadeModel:
                 self.n_experts,
                 mode=routing,
                 tau=self.init_params_["routing_tau"],
+                **groups,
             )
         return w.numpy()
 
-    def get_image_embedding(self, features: np.ndarray, routing: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def get_image_embedding(
+        self, features: np.ndarray, routing: str | None = None, *, tissues: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """SPADE image embedding of frozen features and the routing weights used.
 
         Parameters
@@ -356,6 +370,8 @@ class SpadeModel:
             (N, image_dim) features from the model's encoder.
         routing
             ``"soft"``, ``"hard"`` or ``"uniform"``; defaults to the model's.
+        tissues
+            The tissue of each row, for per-tissue experts (:meth:`routing_weights`).
 
         Returns
         -------
@@ -369,7 +385,7 @@ class SpadeModel:
         if not np.isfinite(features).all():
             msg = "features hold NaN or infinite values."
             raise ValueError(msg)
-        weights = self.routing_weights(features, routing)
+        weights = self.routing_weights(features, routing, tissues=tissues)
         self.module.eval()
         with torch.no_grad():
             emb = mixture_embed(

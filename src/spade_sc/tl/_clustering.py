@@ -101,6 +101,7 @@ def experts_of_tables(
     seed: int,
     minibatch_threshold: int,
     assign: bool = True,
+    per_tissue: bool = False,
 ) -> tuple[DataExperts, dict[str, np.ndarray] | None]:
     """The core of :func:`build_experts` on resolved tables and checked features; writes nothing.
 
@@ -116,6 +117,7 @@ def experts_of_tables(
         seed=int(seed),
         minibatch_threshold=int(minibatch_threshold),
         assign=assign,
+        per_tissue=per_tissue,
     )
     if not assign:
         return experts, None

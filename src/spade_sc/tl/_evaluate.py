@@ -47,7 +47,7 @@ from ..pp._genes import (
     _spot_scale,
     _where,
 )
-from ._spade import fit, model_features, model_gene_input, model_input
+from ._spade import fit, model_features, model_gene_input, model_input, model_tissues
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -487,6 +487,7 @@ def _joint_topk_means(
     routings: Sequence[str],
     k: int,
     chunk: int = 1024,
+    tissues: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Retrieval in the joint space under each of ``routings``: ``{routing: (n_query, n_values) top-k means}``.
 
@@ -497,7 +498,7 @@ def _joint_topk_means(
 
     from ..model._routing import align
 
-    weights = {r: model.routing_weights(features, r) for r in routings}
+    weights = {r: model.routing_weights(features, r, tissues=tissues) for r in routings}
     cosine = model.init_params_["loss"] == "infonce"
     parts: dict[str, list[np.ndarray]] = {r: [] for r in routings}
     model.module.eval()
@@ -608,7 +609,9 @@ def predict_expression(
     if len(ref_y_arr) == 0:
         msg = "The reference holds no spots."
         raise ValueError(msg)
-    pred = _joint_topk_means(model, feats, ref_in_arr, ref_y_arr, [routing], k)[routing].astype(np.float32)
+    tissues = model_tissues(model, spots, "the query slide")
+    pred = _joint_topk_means(model, feats, ref_in_arr, ref_y_arr, [routing], k, tissues=tissues)[routing]
+    pred = pred.astype(np.float32)
     if not inplace:
         return pred
     table.obsm[key_added] = pred
@@ -690,6 +693,10 @@ class _Cohort:
         if radius not in self._inputs:
             self._inputs[radius] = {s: model_input(model, self.spots[s], x) for s, x in self.feats.items()}
         return self._inputs[radius]
+
+    def model_tissues(self, model: SpadeModel) -> dict[str, np.ndarray | None]:
+        """Every slide's spot tissues for a model with per-tissue experts (None values otherwise)."""
+        return {s: model_tissues(model, self.spots[s], s) for s in self.slides}
 
     def gene_moments(self, slide: str) -> tuple[np.ndarray, np.ndarray, int]:
         """Per-gene sums of log1p expression of a slide over :attr:`shared_genes`: once per call, for every fold."""
@@ -1201,7 +1208,7 @@ def _fit_models(
     if need_single and need_spade and fit_kwargs.get("n_experts") == 1:
         models["single_expert"] = models["spade"]  # SPADE is a single expert already: same training
     elif need_single:
-        kw = {**fit_kwargs, "n_experts": 1, "n_clusters_per_tissue": 1}
+        kw = {**fit_kwargs, "n_experts": 1, "n_clusters_per_tissue": 1, "tissue_experts": False}
         models["single_expert"] = fit(copies, features_key=data.features_key, **kw)
     records = {
         name: {
@@ -1244,7 +1251,10 @@ def _spade_routings(
 
 
 def _mixture_embeddings(
-    model: SpadeModel, feats: Mapping[str, np.ndarray], routings: Sequence[str]
+    model: SpadeModel,
+    feats: Mapping[str, np.ndarray],
+    routings: Sequence[str],
+    tissues: Mapping[str, np.ndarray | None] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{routing: {slide: embedding}}``: :meth:`SpadeModel.get_image_embedding` under several routings at once.
 
@@ -1264,7 +1274,8 @@ def _mixture_embeddings(
         if not np.isfinite(x).all():
             msg = "features hold NaN or infinite values."
             raise ValueError(msg)
-        weights = {r: torch.as_tensor(model.routing_weights(x, r)) for r in routings}
+        tissue = None if tissues is None else tissues.get(sid)
+        weights = {r: torch.as_tensor(model.routing_weights(x, r, tissues=tissue)) for r in routings}
         xt = torch.as_tensor(x)
         chunks: dict[str, list[torch.Tensor]] = {r: [] for r in routings}
         with torch.no_grad():
@@ -1287,7 +1298,8 @@ def _fold_representations(
     """Every representation of every spot in this fold: ``{representation: {slide: (n_spots, d)}}``."""
     spade: dict[str, dict[str, np.ndarray]] = {}
     for m, routing_of in _spade_routings(settings.representations, models).values():
-        by_routing = _mixture_embeddings(m, data.model_inputs(m), list(dict.fromkeys(routing_of.values())))
+        routings = list(dict.fromkeys(routing_of.values()))
+        by_routing = _mixture_embeddings(m, data.model_inputs(m), routings, data.model_tissues(m))
         spade.update({rep: by_routing[r] for rep, r in routing_of.items()})
     reps: dict[str, dict[str, np.ndarray]] = {}
     for rep in settings.representations:
@@ -1432,13 +1444,17 @@ def _joint_predictions(fold: _Fold, targets: _Targets) -> dict[str, np.ndarray]:
     """
     out: dict[str, np.ndarray] = {}
     for m, routing_of in _spade_routings(fold.settings.representations, fold.models).values():
-        inputs = fold.cohort.model_inputs(m)
+        inputs, tissues = fold.cohort.model_inputs(m), fold.cohort.model_tissues(m)
         query = np.concatenate([inputs[s] for s in fold.test])
+        known = all(tissues[s] is not None for s in fold.test)
+        query_tissues = np.concatenate([tissues[s] for s in fold.test]) if known else None
         ref_in = np.concatenate([model_gene_input(m, fold.cohort.tables[s]) for s in fold.train])
         routings = list(dict.fromkeys(routing_of.values()))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            preds = _joint_topk_means(m, query, ref_in, targets.y_tr, routings, fold.settings.retrieval_k)
+            preds = _joint_topk_means(
+                m, query, ref_in, targets.y_tr, routings, fold.settings.retrieval_k, tissues=query_tissues
+            )
         out.update({rep: preds[r] for rep, r in routing_of.items()})
     return out
 
