@@ -13,7 +13,15 @@ import pytest
 import spade_sc as sp
 
 FEAT = "X_toy"
-SMALL = {"n_clusters_per_tissue": 8, "max_epochs": 4, "batch_size": 64, "lr": 3e-3, "progress": False}
+# each spot alone: the tests build models on the raw toy features and count the spots of every expert
+SMALL = {
+    "n_clusters_per_tissue": 8,
+    "max_epochs": 4,
+    "batch_size": 64,
+    "lr": 3e-3,
+    "progress": False,
+    "spatial_context": None,
+}
 
 
 def _with_toy_features(cohort, copy_slide, *, outlier: bool = False):

@@ -21,7 +21,6 @@ from .._constants import GENE_INPUTS, LOSSES, ROUTINGS, Keys
 from .._sdata import Spots, as_cohort, check_patch_source, commit, features_matrix, resolve_spots, staged
 from .._validation import as_ids, check_choice, check_fraction, check_int, json_safe, named_errors
 from ..model._files import versions
-from ..model._routing import scale_aware_tau
 from ..model._spade_model import SpadeModel
 from ..pp import gene_matrix, image_features
 from ..pp._context import CONTEXT_RADIUS, check_radius, context_features, spot_centres
@@ -532,6 +531,8 @@ def fit(
     experts.features_key, experts.tissue_key = features_key, tissue_key
     tau_auto = routing_tau == "auto"
     if tau_auto:
+        from ..model._routing import scale_aware_tau  # torch: imported when needed (import spade_sc stays light)
+
         routing_tau = scale_aware_tau(np.concatenate(list(feats.values())), experts.centroids)
         logger.info("spade_sc.tl.fit: routing_tau='auto' -> %.4g (median nearest-centroid gap)", routing_tau)
     gene_inputs = {name: gene_matrix(t, genes, gene_input=gene_input) for name, (_, t) in tables.items()}
