@@ -210,7 +210,9 @@ def slide_embeddings(
     tile_kwargs
         Passed to :func:`spade_sc.pp.tile_tissue` (``mpp``, ``tile_size``, ``min_tissue``, ...).
     feature_kwargs
-        Passed to :func:`spade_sc.pp.image_features` (through :func:`spade_sc.tl.embed` with a model).
+        Passed to :func:`spade_sc.pp.image_features` (through :func:`spade_sc.tl.embed` with a model). Tiles are
+        embedded in one view (``views=1``; a whole slide holds thousands of tiles), also with a model, whose
+        :func:`~spade_sc.tl.embed` would compute 8; pass ``{"views": 8}`` for the model's own setting.
     key_added
         Name of the per-slide table.
     progress
@@ -504,9 +506,9 @@ def _embed_tiles(
     says otherwise.
     """
     params = sdata.tables[step.table_key].uns.get(Keys.TILING, {})
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"views": 1}  # thousands of tiles: one view (tl.embed would compute 8)
     if "mpp" in params and "tile_size" in params:
-        kwargs = {"mpp": float(params["mpp"]), "patch_size": int(params["tile_size"])}
+        kwargs.update(mpp=float(params["mpp"]), patch_size=int(params["tile_size"]))
     if step.image_key is not None:
         kwargs["image_key"] = step.image_key
     kwargs.update(feature_kwargs)
