@@ -15,6 +15,8 @@ Variants (``--variants``, comma-separated; default: all):
 - ``augment``: ``defaults``, and training draws one of the 8 views per pair and step instead of their mean (a
   benchmark-only patch of the training data module; the embedding still uses the mean);
 - ``centred``: ``defaults`` on features standardised per slide (mean 0, sd 1 per feature and slide);
+- ``centred_expression``: ``defaults`` with the model's gene input standardised per slide (a benchmark-only patch of
+  the gene input of ``tl.fit``; the read-outs' targets stay log1p expression);
 - ``infonce``, ``infonce_lr3e-3``, ``infonce_lr3e-4``, ``lr3e-3``, ``lr3e-4``: the loss and learning rate;
 - ``genes25``, ``genes100``: ``n_top_genes`` (HVGs per slide in the panel; default 50);
 - ``proj128``, ``proj512``: the embedding dimension (default 256);
@@ -42,6 +44,7 @@ VARIANTS: dict[str, tuple[int, bool, bool, dict]] = {
     "defaults": (8, False, False, {}),
     "augment": (8, False, True, {}),
     "centred": (8, True, False, {}),
+    "centred_expression": (8, False, False, {}),
     "infonce": (8, False, False, {"loss": "infonce"}),
     "infonce_lr3e-3": (8, False, False, {"loss": "infonce", "lr": 3e-3}),
     "infonce_lr3e-4": (8, False, False, {"loss": "infonce", "lr": 3e-4}),
@@ -145,6 +148,22 @@ def augmented_training(views: dict):
     return lambda: setattr(lightning.PairsDataModule, "__init__", init)
 
 
+def centred_gene_input():
+    """Patch tl.fit's gene input: each slide's log1p expression standardised per gene. Returns the undo."""
+    import numpy as np
+
+    from spade_sc.tl import _spade
+
+    plain = _spade.gene_matrix
+
+    def centred(table, genes, **kw):
+        y = plain(table, genes, **kw)
+        return ((y - y.mean(0)) / (y.std(0) + 1e-6)).astype(np.float32)
+
+    _spade.gene_matrix = centred
+    return lambda: setattr(_spade, "gene_matrix", plain)
+
+
 def run(name: str, cohort, views: dict, args: argparse.Namespace):
     import numpy as np
     from threadpoolctl import threadpool_limits
@@ -163,6 +182,7 @@ def run(name: str, cohort, views: dict, args: argparse.Namespace):
             t.obsm.pop("base_context", None)
             sp.pp.spatial_context(s, features_key="X_var", key_added="base_context")
     undo = augmented_training(views) if augment else (lambda: None)
+    undo_genes = centred_gene_input() if name == "centred_expression" else (lambda: None)
     reps = ["X_base", "base", "spade_soft"] + (["base_context"] if args.context_control else [])
     t0 = time.perf_counter()
     with threadpool_limits(args.threads):
@@ -179,6 +199,7 @@ def run(name: str, cohort, views: dict, args: argparse.Namespace):
             pca=(False,),
         )
     undo()
+    undo_genes()
     s = res.summary()
     table = s.pivot_table(
         index="representation", columns=["task", "metric", "shots"], values="mean", aggfunc="first", observed=True
