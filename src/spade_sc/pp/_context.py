@@ -9,6 +9,7 @@ import numpy as np
 
 from .._sdata import Spots, features_matrix, resolve_spots, shape_centres
 from .._version import __version__
+from ._features import _check_free
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -119,9 +120,8 @@ def spatial_context(
     radius = check_radius(radius)
     spots = resolve_spots(sdata, table_key, shapes_key)
     key = key_added or f"{features_key}_context"
-    if inplace and key in spots.table.obsm and not overwrite:
-        msg = f"tables[{spots.table_key!r}].obsm[{key!r}] exists; pass overwrite=True to replace it."
-        raise ValueError(msg)
+    if inplace:
+        _check_free(spots, key, overwrite)
     feats = features_matrix(spots.table, features_key, where=f"table {spots.table_key!r}", finite=False)
     out, record = context_features(feats, spot_centres(spots), radius)
     if not inplace:
